@@ -1,0 +1,66 @@
+"""The ClientApp: thin glue between Flower messages and the task code.
+
+Train: load private state, take the global shared arrays from the message, train locally,
+keep what is private, reply with exactly the shared arrays. Evaluate: the same model
+(global shared + own private parts) on the client's own test split.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pwff_app.config import RunConfig
+from pwff_app.models import count_params, group_params, load_params
+from pwff_app.state import PrivateStore
+from pwff_app.task import ClientTask, evaluate, load_client_task, train_local
+
+app = ClientApp()
+
+
+def _client_id(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, ClientTask, PrivateStore]:
+    cfg = RunConfig.from_run_config(context.run_config)
+    client_id, num_partitions = _client_id(context)
+    task = load_client_task(cfg, client_id, num_partitions)
+    store = PrivateStore(context)
+    private = store.load()
+    if private is not None:
+        load_params(task.model, private)
+    # The global shared part: exactly the keys this method shares, nothing else.
+    incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    expected = set(group_params(task.model, task.spec.shared))
+    if set(incoming) != expected:
+        raise ValueError(f"global arrays do not match the shared set of '{cfg.method}' "
+                         f"({len(incoming)} keys, expected {len(expected)})")
+    load_params(task.model, incoming)
+    return cfg, client_id, task, store
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, client_id, task, store = _prepare(msg, context)
+    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, cfg.task.lr)
+    store.save(group_params(task.model, task.spec.private))
+    shared = group_params(task.model, task.spec.shared)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+        "metrics": MetricRecord({"num-examples": task.num_train, "train-loss": stats["train-loss"]}),
+        "info": ConfigRecord({"client-id": client_id, "compute-s": stats["compute-s"],
+                              "private-params": count_params(task.model, task.spec.private)}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    _, client_id, task, _ = _prepare(msg, context)
+    metrics = evaluate(task.model, task.test_loader)
+    content = RecordDict({
+        "metrics": MetricRecord({"num-examples": task.num_test, **metrics}),
+        "info": ConfigRecord({"client-id": client_id}),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,140 @@
+"""AG News for task tuning: load (Hub id or local folder), split non-IID, tokenize.
+
+Local folder layout (``PWFF_DATA_DIR`` or run-config ``data-dir``), as in ``shared/data``:
+``ag_news/noisyag_samples10000valMed.csv`` (train sample; header ``label,gt,text,group``: the
+clean label is ``gt``, 0-3) and ``ag_news/test.csv`` (the official test split; no header:
+``class`` 1-4, ``title``, ``description``). Both become ``{"text", "label"}`` with labels 0-3.
+
+Non-IID split: one :class:`flwr_datasets.partitioner.DirichletPartitioner` over labels runs on
+train and test *together* (a ``split`` column tells them apart), so each client's test rows
+follow the same label mix as its train rows and personalised accuracy is measured on the
+client's own distribution.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, concatenate_datasets, disable_progress_bars
+from flwr_datasets.partitioner import DirichletPartitioner
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+# Worker logs would drown in per-call progress bars of small data-set operations.
+disable_progress_bars()
+
+AG_NEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
+_TRAIN_FILE = Path("ag_news") / "noisyag_samples10000valMed.csv"
+_TEST_FILE = Path("ag_news") / "test.csv"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set could not be found; the message says what to set."""
+
+
+def _read_local(data_dir: Path) -> tuple[Dataset, Dataset]:
+    train_path, test_path = data_dir / _TRAIN_FILE, data_dir / _TEST_FILE
+    for path in (train_path, test_path):
+        if not path.is_file():
+            raise DataNotFoundError(
+                f"AG News file {path} not found: set PWFF_DATA_DIR (or run config 'data-dir') "
+                f"to a folder holding {_TRAIN_FILE} and {_TEST_FILE}"
+            )
+    with train_path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    train = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [int(r["gt"]) for r in rows]})
+    with test_path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    test = Dataset.from_dict(
+        {"text": [f"{t} . {d}" for _, t, d in rows], "label": [int(c) - 1 for c, _, _ in rows]}
+    )
+    return train, test
+
+
+def _read_hub(dataset_id: str) -> tuple[Dataset, Dataset]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset_id)
+    except Exception as err:  # the Hub raises many kinds; all mean the same to a user
+        raise DataNotFoundError(
+            f"could not load {dataset_id!r} from the Hugging Face Hub ({type(err).__name__}); "
+            "offline? set PWFF_DATA_DIR (or run config 'data-dir') to a local data folder"
+        ) from err
+    return ds["train"].select_columns(["text", "label"]), ds["test"].select_columns(["text", "label"])
+
+
+@functools.lru_cache(maxsize=4)
+def load_ag_news(data_dir: Path | None, dataset_id: str) -> tuple[Dataset, Dataset]:
+    """AG News train and test as ``{"text", "label"}`` datasets, labels 0-3."""
+    return _read_local(data_dir) if data_dir is not None else _read_hub(dataset_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitioner(data_dir: Path | None, dataset_id: str, num_partitions: int, alpha: float,
+                 seed: int) -> DirichletPartitioner:
+    train, test = load_ag_news(data_dir, dataset_id)
+    # The partitioner cuts each class's rows in order, so shuffle first: otherwise train rows
+    # would fill the first partitions and test rows the last.
+    both = concatenate_datasets([
+        train.add_column("split", ["train"] * len(train)),
+        test.add_column("split", ["test"] * len(test)),
+    ]).shuffle(seed=seed).flatten_indices()
+    partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                       alpha=alpha, min_partition_size=10, self_balancing=False, seed=seed)
+    partitioner.dataset = both
+    return partitioner
+
+
+def client_split(
+    data_dir: Path | None,
+    dataset_id: str,
+    partition_id: int,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    max_train: int = 0,
+    max_test: int = 0,
+) -> tuple[Dataset, Dataset]:
+    """One client's train and test rows: Dirichlet(alpha) over labels, capped (0 = no cap).
+
+    Caps draw a uniform random subset (seeded), which keeps the client's label mix.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition id {partition_id} not in [0, {num_partitions})")
+    part = _partitioner(data_dir, dataset_id, num_partitions, alpha, seed).load_partition(partition_id)
+    splits = np.asarray(part["split"])
+    out = []
+    for name, cap in (("train", max_train), ("test", max_test)):
+        idx = np.flatnonzero(splits == name)
+        if cap and len(idx) > cap:
+            rng = np.random.default_rng([seed, partition_id, name == "test"])
+            idx = np.sort(rng.choice(idx, size=cap, replace=False))
+        out.append(part.select(idx).remove_columns("split"))
+    return out[0], out[1]
+
+
+def label_distribution(labels: list[int] | np.ndarray, num_classes: int = len(AG_NEWS_CLASSES)) -> np.ndarray:
+    """Share of each class, shape [num_classes], summing to 1."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
+    return counts / max(counts.sum(), 1.0)
+
+
+def label_skew(distributions: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each client's label mix and their average (0..1)."""
+    mean = np.mean(distributions, axis=0)
+    return float(np.mean([0.5 * np.abs(d - mean).sum() for d in distributions]))
+
+
+def make_loader(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int,
+                shuffle: bool, seed: int = 0) -> DataLoader:
+    """Tokenize once (padding to the longest row, at most ``max_length``) and batch."""
+    enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length, padding=True,
+                    return_tensors="pt")
+    tensors = TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(ds["label"]))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(tensors, batch_size=batch_size, shuffle=shuffle, generator=generator)

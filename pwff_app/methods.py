@@ -1,0 +1,107 @@
+"""The one place that says, per method, what is trained, what is sent and what is kept.
+
+A model's trainable parameters fall into named *groups* (see :func:`param_group`). A method
+is a :class:`MethodSpec`: which modules the model gets, which groups a client trains, and
+which of those it shares (uploads; the server aggregates and broadcasts them). Whatever a
+client trains but does not share is private: it stays on the client, in no message and no log.
+Baselines are rows of :data:`METHODS`, not forks of the code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+# Parameter groups of the task-tuning model (pwff_app.models), matched on parameter names.
+_GROUP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("lora", re.compile(r"\.lora_(A|B)\.")),
+    ("adapter", re.compile(r"\.adapter\.")),
+    ("head", re.compile(r"^head\.")),
+)
+GROUPS = ("adapter", "lora", "head", "backbone")
+
+
+def param_group(name: str) -> str:
+    """Group of a parameter name: ``adapter``, ``lora``, ``head`` or ``backbone``."""
+    for group, pattern in _GROUP_PATTERNS:
+        if pattern.search(name):
+            return group
+    return "backbone"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method trains, sends and keeps.
+
+    Attributes:
+        name: the run-config value of ``method``.
+        family: ``task`` (encoder classification) or ``instruct`` (causal LM with PPO).
+        modules: modules inserted into the pretrained model (``adapter``, ``lora``).
+        trained: parameter groups a client updates locally.
+        shared: groups uploaded by clients and aggregated by the server (subset of trained).
+        personal_lora: LoRA rank and depth follow each client's resource level; only possible
+            when LoRA is private (shared tensors must have one shape on every client).
+        protocol: ``fedavg`` (weighted FedAvg of ``shared``), ``local`` (no federation).
+        summary: one line for docs and logs.
+    """
+
+    name: str
+    family: Literal["task", "instruct"]
+    modules: frozenset[str]
+    trained: frozenset[str]
+    shared: frozenset[str]
+    personal_lora: bool
+    protocol: Literal["fedavg", "local"]
+    summary: str
+
+    def __post_init__(self) -> None:
+        if not self.shared <= self.trained:
+            raise ValueError(f"{self.name}: shared groups {set(self.shared)} must be trained")
+        if self.personal_lora and "lora" in self.shared:
+            raise ValueError(f"{self.name}: a shared LoRA cannot have per-client shapes")
+
+    @property
+    def private(self) -> frozenset[str]:
+        """Groups trained but never sent."""
+        return self.trained - self.shared
+
+    def is_shared(self, name: str) -> bool:
+        return param_group(name) in self.shared
+
+    def is_trained(self, name: str) -> bool:
+        return param_group(name) in self.trained
+
+    def is_private(self, name: str) -> bool:
+        return param_group(name) in self.private
+
+
+def _spec(name: str, family: str, modules: set[str], trained: set[str], shared: set[str],
+          personal_lora: bool, protocol: str, summary: str) -> MethodSpec:
+    return MethodSpec(name, family, frozenset(modules), frozenset(trained), frozenset(shared),
+                      personal_lora, protocol, summary)  # type: ignore[arg-type]
+
+
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in [
+        # Paper IV-D: shared adapters, private LoRA sized by resources. The head is private
+        # too: the paper aggregates adapters only, and a per-client head is what absorbs
+        # each client's label mix (FedPer, Arivazhagan et al. 2019).
+        _spec("pftt", "task", {"adapter", "lora"}, {"adapter", "lora", "head"}, {"adapter"},
+              True, "fedavg", "PFTT: shared adapters aggregated; LoRA and head private"),
+        # Paper V-C, vanilla FL [1]: adapters and LoRA both uploaded and aggregated.
+        _spec("vanilla-fl", "task", {"adapter", "lora"}, {"adapter", "lora", "head"},
+              {"adapter", "lora", "head"}, False, "fedavg",
+              "Vanilla FL: adapters, LoRA and head all aggregated"),
+        # Paper V-C, FedLoRA [8]: LoRA only, aggregated.
+        _spec("fedlora", "task", {"lora"}, {"lora", "head"}, {"lora", "head"}, False, "fedavg",
+              "FedLoRA: LoRA and head aggregated, no adapters"),
+        # Reference point: plain FedAvg of every weight, the usual Flower way.
+        _spec("fedavg-full", "task", set(), {"backbone", "head"}, {"backbone", "head"}, False,
+              "fedavg", "FedAvg of the full model (no PEFT)"),
+        # Reference point: PFTT's model, no federation.
+        _spec("local", "task", {"adapter", "lora"}, {"adapter", "lora", "head"}, set(), True,
+              "local", "Local only: each client trains alone, nothing is sent"),
+    ]
+}

@@ -1,0 +1,133 @@
+"""Per-round records and the run summary on disk: ``rounds.jsonl`` and ``summary.json``.
+
+``rounds.jsonl`` gets one line per round as soon as the round ends (flushed), so a run that
+dies later keeps what it measured. ``summary.json`` is written at the end; other tools read
+these fields: ``method``, ``num_rounds``, ``num_clients``, ``params``, ``accuracy`` (task
+methods) or ``reward`` (instruction methods), ``comm`` and ``wireless``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+_console = Console(highlight=False)
+
+
+def default_run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file + rename so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Collects per-client numbers during a round and writes them out when it ends.
+
+    Strategies call :meth:`client` with whatever they learn about a client (metrics, bytes);
+    :meth:`end_round` merges in extra per-round blocks (e.g. the wireless link's) from the
+    ``extra`` callbacks, prints one line and appends the round to ``rounds.jsonl``.
+    """
+
+    def __init__(self, out_dir: Path, method: str, score_key: str = "accuracy") -> None:
+        self.out_dir = out_dir
+        self.method = method
+        self.score_key = score_key
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds_path = out_dir / "rounds.jsonl"
+        self.rounds_path.write_text("")
+        self.rounds: list[dict[str, Any]] = []
+        self.extra: dict[str, Callable[[int], dict[str, Any]]] = {}
+        self._current: dict[int, dict[str, Any]] = {}
+        self._events: list[dict[str, Any]] = []
+        self._started = time.time()
+
+    def client(self, client_id: int, **values: Any) -> None:
+        """Record values for a client in the current round (later calls add keys)."""
+        self._current.setdefault(int(client_id), {}).update(values)
+
+    def event(self, kind: str, **details: Any) -> None:
+        """Record a round event such as a rejected or failed reply, with its reason."""
+        self._events.append({"kind": kind, **details})
+
+    def end_round(self, server_round: int) -> dict[str, Any]:
+        clients = {cid: self._current[cid] for cid in sorted(self._current)}
+        scores = [c[self.score_key] for c in clients.values() if self.score_key in c]
+        record: dict[str, Any] = {
+            "round": server_round,
+            "clients": {str(cid): c for cid, c in clients.items()},
+            f"{self.score_key}_mean": statistics.fmean(scores) if scores else None,
+            f"{self.score_key}_min": min(scores) if scores else None,
+            "uplink_bytes": sum(c.get("uplink_bytes", 0) for c in clients.values()),
+            "downlink_bytes": sum(c.get("downlink_bytes", 0) for c in clients.values()),
+            "events": self._events,
+            "elapsed_s": round(time.time() - self._started, 3),
+        }
+        for name, fn in self.extra.items():
+            record[name] = fn(server_round)
+        self.rounds.append(record)
+        with self.rounds_path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._print(record)
+        self._current, self._events = {}, []
+        return record
+
+    def _print(self, r: dict[str, Any]) -> None:
+        mean, low = r[f"{self.score_key}_mean"], r[f"{self.score_key}_min"]
+        score = f"{self.score_key} mean {mean:.4f} min {low:.4f}" if mean is not None else f"{self.score_key} n/a"
+        line = (f"[pwff] round {r['round']:>3} | {score} | up {r['uplink_bytes']:,} B | "
+                f"down {r['downlink_bytes']:,} B")
+        wireless = r.get("wireless")
+        if wireless and wireless.get("round_latency_s") is not None:
+            line += f" | latency {wireless['round_latency_s']:.3f} s | lost {wireless.get('lost_updates', 0)}"
+        if r["events"]:
+            line += f" | {len(r['events'])} rejected/failed"
+        _console.print(line, markup=False)
+
+    def comm_block(self) -> dict[str, Any]:
+        """Mean bytes per round per client and their total, each direction."""
+        out = {}
+        for direction in ("uplink", "downlink"):
+            per_client: dict[str, list[int]] = {}
+            for r in self.rounds:
+                for cid, c in r["clients"].items():
+                    if f"{direction}_bytes" in c:
+                        per_client.setdefault(cid, []).append(c[f"{direction}_bytes"])
+            means = {cid: round(statistics.fmean(v)) for cid, v in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
+            out[f"{direction}_bytes_per_round"] = {"per_client": means, "total": sum(means.values())}
+        return out
+
+    def final_scores(self) -> dict[str, Any]:
+        """Each client's score in the last round it was measured, and their mean."""
+        last: dict[str, Any] = {}
+        for r in self.rounds:
+            for cid, c in r["clients"].items():
+                if self.score_key in c:
+                    last[cid] = c[self.score_key]
+        last = dict(sorted(last.items(), key=lambda kv: int(kv[0])))
+        return {"per_client": last, "mean": statistics.fmean(last.values()) if last else None}
+
+    def finish(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json`` (recorder fields + ``summary``) and return its folder."""
+        data = {
+            "method": self.method,
+            "num_rounds": len(self.rounds),
+            self.score_key: self.final_scores(),
+            "comm": self.comm_block(),
+            "wall_s": round(time.time() - self._started, 3),
+            **summary,
+        }
+        write_json_atomic(self.out_dir / "summary.json", data)
+        return self.out_dir.resolve()
