@@ -175,17 +175,20 @@ def _bad(key: str, allowed: str, value: object) -> None:
     raise ValueError(f"run config: '{key}' must be {allowed}, got {value!r}")
 
 
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _read(rc: Mapping[str, Scalar], key: str, kind: type, default: Scalar) -> Scalar:
     """One typed value; ints pass as floats and integral floats as ints (TOML ``1e6``)."""
     value = rc.get(key, default)
     if isinstance(value, bool) != (kind is bool):
-        _bad(key, f"a {kind.__name__}", value)
+        _bad(key, _KIND[kind], value)
     if kind is float and isinstance(value, int):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind):
-        _bad(key, f"a {kind.__name__}", value)
+        _bad(key, _KIND[kind], value)
     return value
 
 

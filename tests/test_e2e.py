@@ -1,0 +1,72 @@
+"""One real ``flwr run`` of a tiny PFTT config: the path a user takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _kill_superlink(flwr_home: Path) -> None:
+    """End the detached SuperLink (and its children) that ``flwr run`` left for this FLWR_HOME."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        if str(flwr_home) in cmdline and ("superlink" in cmdline or "superexec" in cmdline):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def flwr_run(run_config: str, flwr_home: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PWFF_DATA_DIR": str(data_dir)}
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr), "run", str(ROOT), "--stream", "--federation-config",
+           "num-supernodes=4 client-resources-num-cpus=1", "--run-config", run_config]
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        _kill_superlink(flwr_home)
+
+
+@pytest.fixture(scope="module")
+def e2e_data_dir(tiny_data_dir: Path) -> Path:
+    real = os.environ.get("PWFF_DATA_DIR", "")
+    return Path(real) if real and (Path(real) / "ag_news").is_dir() else tiny_data_dir
+
+
+def test_flwr_run_tiny_pftt(tmp_path, e2e_data_dir):
+    results = tmp_path / "results"
+    rc = (f"results-dir='{results}' run-name='e2e' task.num-rounds=2 task.max-train-samples=32 "
+          "task.max-test-samples=32 task.max-length=32 task.batch-size=16 wireless.enabled=false")
+    proc = flwr_run(rc, tmp_path / "flwr-home", e2e_data_dir.resolve())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"[pwff] results: {results / 'e2e'}" in out
+    assert out.count("[pwff] round") == 2
+
+    summary = json.loads((results / "e2e" / "summary.json").read_text())
+    assert summary["method"] == "pftt" and summary["num_rounds"] == 2 and summary["num_clients"] == 4
+    clients = {"0", "1", "2", "3"}
+    assert set(summary["accuracy"]["per_client"]) == clients
+    assert 0.0 <= summary["accuracy"]["mean"] <= 1.0
+    shared_bytes = 4 * summary["params"]["shared"]
+    up = summary["comm"]["uplink_bytes_per_round"]
+    assert up["per_client"] == {c: shared_bytes for c in clients} and up["total"] == 4 * shared_bytes
+    assert set(summary["params"]["private"]) == clients
+    rounds = [json.loads(line) for line in (results / "e2e" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(set(r["clients"]) == clients for r in rounds)
