@@ -90,7 +90,7 @@ class ChannelConfig:
     server_power_w: float = 1.0
     loss_model: str = "packet"
     packet_bits: int = 8192
-    waterfall_db: float = 0.0
+    waterfall_db: float = -10.0
     max_retx: int = 3
     target_rate_bps: float = 1e6
     downlink_miss: str = "stale"
@@ -257,7 +257,9 @@ def ergodic_capacity_bps_per_hz(snr_db: float) -> float:
     return float(step * (f.sum() - 0.5 * (f[0] + f[-1])))
 
 
-def link_rng(seed: int, server_round: int, client_id: int, direction: Direction, attempt: int) -> np.random.Generator:
+def link_rng(
+    seed: int, server_round: int, client_id: int, direction: Direction, attempt: int
+) -> np.random.Generator:
     """Random stream of one transmission attempt; independent of any call order.
 
     Negative seeds are folded into [0, 2^64) because ``SeedSequence`` takes only
@@ -359,15 +361,23 @@ def transmit(
     if payload_bits < 0:
         raise ValueError(f"payload_bits must be >= 0, got {payload_bits}")
     snr_db = cfg.client_snr_db(client_id)
-    common = dict(direction=direction, client_id=client_id, server_round=server_round, payload_bits=payload_bits, snr_db=snr_db)
-    if not cfg.enabled:
-        return LinkResult(
-            **common, bits=payload_bits, retransmitted_bits=0, packets=1, retransmissions=0, attempts=1,
-            lost_packets=0, delay_s=0.0, energy_j=0.0, delivered=True, rate_bps=math.inf, capacity_bps=math.inf,
-            gain=1.0,
-        )  # fmt: skip
-    snr = db_to_linear(snr_db)
     power_w = cfg.power_w(direction)
+
+    def result(
+        bits: int, delay_s: float, delivered: bool, rate: float, capacity: float, gain: float,
+        packets: int = 1, sends: int = 1, attempts: int = 1, lost_packets: int = 0,
+    ) -> LinkResult:  # fmt: skip
+        """Fill in the fields every mode shares; energy is always power x air time."""
+        return LinkResult(
+            direction=direction, client_id=client_id, server_round=server_round, payload_bits=payload_bits,
+            bits=bits, retransmitted_bits=bits - payload_bits, packets=packets, retransmissions=sends - packets,
+            attempts=attempts, lost_packets=lost_packets, delay_s=delay_s, energy_j=power_w * delay_s,
+            delivered=delivered, rate_bps=rate, capacity_bps=capacity, gain=gain, snr_db=snr_db,
+        )  # fmt: skip
+
+    if not cfg.enabled:
+        return result(payload_bits, 0.0, True, math.inf, math.inf, 1.0)
+    snr = db_to_linear(snr_db)
 
     def draw(attempt: int) -> tuple[np.random.Generator, float]:
         rng = link_rng(cfg.seed, server_round, client_id, direction, attempt)
@@ -380,26 +390,21 @@ def transmit(
         # Outage: fixed rate without transmitter CSI, decodable iff capacity >= rate.
         # None: rate adapted to the channel, always decoded.
         rate = cfg.target_rate_bps if cfg.loss_model == "outage" else capacity0
-        delay_s = payload_bits / rate
         delivered = cfg.loss_model == "none" or payload_bits == 0 or capacity0 >= cfg.target_rate_bps
-        return LinkResult(
-            **common, bits=payload_bits, retransmitted_bits=0, packets=1, retransmissions=0, attempts=1,
-            lost_packets=0 if delivered else 1, delay_s=delay_s, energy_j=power_w * delay_s, delivered=delivered,
-            rate_bps=rate, capacity_bps=capacity0, gain=gain0,
-        )  # fmt: skip
+        delay_s = payload_bits / rate
+        return result(payload_bits, delay_s, delivered, rate, capacity0, gain0, lost_packets=int(not delivered))
 
-    # Packet model with selective-repeat ARQ: attempt k resends the packets that failed
-    # in attempt k-1 under a fresh gain (the NACK round trip outlasts the coherence time).
+    # Packet model with selective-repeat ARQ: attempt k resends the packets that failed in
+    # attempt k-1 under a fresh gain (it starts a whole attempt later, past the coherence
+    # time; one fixed gain would make retries in a deep fade useless).
     m = db_to_linear(cfg.waterfall_db)
     n_full, tail = divmod(payload_bits, cfg.packet_bits)
     sizes = np.full(n_full + (tail > 0), cfg.packet_bits, dtype=np.int64)
     if tail:
         sizes[-1] = tail
     pending = sizes
-    bits = 0
-    sends = 0
+    bits = sends = attempts = 0
     delay_s = 0.0
-    attempts = 0
     gain = gain0
     for attempt in range(cfg.max_retx + 1):
         if pending.size == 0:
@@ -413,9 +418,7 @@ def transmit(
         delay_s += sent / float(rate_bps(cfg.bandwidth_hz, snr, gain))
         failed = rng.random(pending.size) < packet_error_prob(snr * gain, m)
         pending = pending[failed]
-    return LinkResult(
-        **common, bits=bits, retransmitted_bits=bits - payload_bits, packets=int(sizes.size),
-        retransmissions=sends - int(sizes.size), attempts=attempts,
-        lost_packets=int(pending.size), delay_s=delay_s, energy_j=power_w * delay_s, delivered=pending.size == 0,
-        rate_bps=capacity0, capacity_bps=capacity0, gain=gain0,
+    return result(
+        bits, delay_s, pending.size == 0, capacity0, capacity0, gain0,
+        packets=int(sizes.size), sends=sends, attempts=attempts, lost_packets=int(pending.size),
     )  # fmt: skip

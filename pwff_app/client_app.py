@@ -11,23 +11,28 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from pwff_app.config import RunConfig
+from pwff_app.methods import METHODS
 from pwff_app.models import count_params, group_params, load_params
+from pwff_app.split import handle_split_message
 from pwff_app.state import PrivateStore
 from pwff_app.task import ClientTask, evaluate, load_client_task, train_local
+from pwff_app.wireless import uplink_mod
 
-app = ClientApp()
-
-
-def _client_id(context: Context) -> tuple[int, int]:
-    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+# The link is a mod around every message: the learning code below never sees the channel.
+app = ClientApp(mods=[uplink_mod])
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, ClientTask, PrivateStore]:
+def _is_split(context: Context) -> bool:
+    return METHODS[str(context.run_config["method"])].protocol == "split"
+
+
+def _prepare(msg: Message, context: Context, private_upto: int) -> tuple[RunConfig, int, int, ClientTask, PrivateStore]:
     cfg = RunConfig.from_run_config(context.run_config)
-    client_id, num_partitions = _client_id(context)
-    task = load_client_task(cfg, client_id, num_partitions)
-    store = PrivateStore(context)
-    private = store.load()
+    client_id, num_partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    server_round = int(msg.content["config"]["server-round"])
+    task = load_client_task(cfg, client_id, num_partitions, server_round)
+    store = PrivateStore(context, client_id)
+    private = store.load(upto_round=server_round + private_upto)
     if private is not None:
         load_params(task.model, private)
     # The global shared part: exactly the keys this method shares, nothing else.
@@ -37,19 +42,23 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, ClientTask
         raise ValueError(f"global arrays do not match the shared set of '{cfg.method}' "
                          f"({len(incoming)} keys, expected {len(expected)})")
     load_params(task.model, incoming)
-    return cfg, client_id, task, store
+    return cfg, client_id, server_round, task, store
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, client_id, task, store = _prepare(msg, context)
+    if _is_split(context):
+        return handle_split_message(msg, context)
+    # Round r trains from the private state left by round r - 1.
+    cfg, client_id, server_round, task, store = _prepare(msg, context, private_upto=-1)
     stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, cfg.task.lr)
-    store.save(group_params(task.model, task.spec.private))
+    store.save(group_params(task.model, task.spec.private), server_round)
     shared = group_params(task.model, task.spec.shared)
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
         "metrics": MetricRecord({"num-examples": task.num_train, "train-loss": stats["train-loss"]}),
-        "info": ConfigRecord({"client-id": client_id, "compute-s": stats["compute-s"],
+        "info": ConfigRecord({"client-id": client_id, "server-round": server_round,
+                              "compute-s": stats["compute-s"],
                               "private-params": count_params(task.model, task.spec.private)}),
     })
     return Message(content=content, reply_to=msg)
@@ -57,10 +66,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
-    _, client_id, task, _ = _prepare(msg, context)
+    if _is_split(context):
+        return handle_split_message(msg, context)
+    # Evaluation after round r uses the private state that round r's training left.
+    _, client_id, server_round, task, _ = _prepare(msg, context, private_upto=0)
     metrics = evaluate(task.model, task.test_loader)
     content = RecordDict({
         "metrics": MetricRecord({"num-examples": task.num_test, **metrics}),
-        "info": ConfigRecord({"client-id": client_id}),
+        "info": ConfigRecord({"client-id": client_id, "server-round": server_round}),
     })
     return Message(content=content, reply_to=msg)

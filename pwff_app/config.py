@@ -17,6 +17,7 @@ from pathlib import Path
 from pwff_app.methods import METHODS
 
 Scalar = int | float | str | bool
+AGGREGATOR_NAMES = ("fedavg", "median", "trimmed-mean")
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,12 @@ class RunConfig:
     results_dir: Path
     run_name: str
     data_dir: Path | None
+    resume: bool
+    client_state_dir: str
+    aggregator: str
+    trim_fraction: float
+    max_update_norm: float
+    min_survivors: int
     task: TaskConfig
     raw: Mapping[str, Scalar] = field(repr=False, compare=False)
 
@@ -141,17 +148,33 @@ class RunConfig:
             raise ConfigError(f"run config: 'method' must be one of {sorted(METHODS)}, got {method!r}")
         num_clients = _get(rc, "num-clients", int)
         _positive("num-clients", num_clients)
-        data_dir = resolve_data_dir(_get(rc, "data-dir", str, ""))
-        return cls(
+        aggregator = _get(rc, "aggregator", str, "fedavg")
+        if aggregator not in AGGREGATOR_NAMES:
+            raise ConfigError(f"run config: 'aggregator' must be one of {list(AGGREGATOR_NAMES)}, got {aggregator!r}")
+        trim = _get(rc, "trim-fraction", float, 0.2)
+        if not 0 <= trim < 0.5:
+            raise ConfigError(f"run config: 'trim-fraction' must be in [0, 0.5), got {trim!r}")
+        cfg = cls(
             method=method,
             seed=_get(rc, "seed", int),
             num_clients=num_clients,
             results_dir=resolve_results_dir(_get(rc, "results-dir", str, "")),
             run_name=_get(rc, "run-name", str, ""),
-            data_dir=data_dir,
+            data_dir=resolve_data_dir(_get(rc, "data-dir", str, "")),
+            resume=_get(rc, "resume", bool, False),
+            client_state_dir=_get(rc, "client-state-dir", str, ""),
+            aggregator=aggregator,
+            trim_fraction=trim,
+            max_update_norm=_get(rc, "max-update-norm", float, 0.0),
+            min_survivors=_get(rc, "min-survivors", int, 1),
             task=TaskConfig.from_run_config(rc),
             raw=dict(rc),
         )
+        _non_negative("max-update-norm", cfg.max_update_norm)
+        _positive("min-survivors", cfg.min_survivors)
+        if cfg.resume and not cfg.run_name:
+            raise ConfigError("run config: 'resume' needs 'run-name' (the run to continue)")
+        return cfg
 
 
 def resolve_data_dir(configured: str) -> Path | None:

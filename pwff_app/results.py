@@ -41,14 +41,16 @@ class RunRecorder:
     ``extra`` callbacks, prints one line and appends the round to ``rounds.jsonl``.
     """
 
-    def __init__(self, out_dir: Path, method: str, score_key: str = "accuracy") -> None:
+    def __init__(self, out_dir: Path, method: str, score_key: str = "accuracy", keep_rounds: int = 0) -> None:
+        """Start ``rounds.jsonl`` afresh, or keep its first ``keep_rounds`` rounds (resuming)."""
         self.out_dir = out_dir
         self.method = method
         self.score_key = score_key
         out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = out_dir / "rounds.jsonl"
-        self.rounds_path.write_text("")
-        self.rounds: list[dict[str, Any]] = []
+        old = self.rounds_path.read_text().splitlines() if keep_rounds and self.rounds_path.exists() else []
+        self.rounds: list[dict[str, Any]] = [json.loads(line) for line in old if line.strip()][:keep_rounds]
+        self.rounds_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
         self.extra: dict[str, Callable[[int], dict[str, Any]]] = {}
         self._current: dict[int, dict[str, Any]] = {}
         self._events: list[dict[str, Any]] = []
@@ -90,8 +92,8 @@ class RunRecorder:
         line = (f"[pwff] round {r['round']:>3} | {score} | up {r['uplink_bytes']:,} B | "
                 f"down {r['downlink_bytes']:,} B")
         wireless = r.get("wireless")
-        if wireless and wireless.get("round_latency_s") is not None:
-            line += f" | latency {wireless['round_latency_s']:.3f} s | lost {wireless.get('lost_updates', 0)}"
+        if wireless:
+            line += f" | latency {wireless['latency_s']:.3f} s | lost {wireless['lost_updates']}"
         if r["events"]:
             line += f" | {len(r['events'])} rejected/failed"
         _console.print(line, markup=False)

@@ -26,6 +26,7 @@ and the data files' hashes. See ``docs/rewards.md`` for the measured accuracy.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gzip
 import hashlib
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -51,7 +53,8 @@ HH_FILES: dict[str, Path] = {
     "helpfulness": Path("hh-rlhf") / "helpful-base" / "test.jsonl.gz",
     "safety": Path("hh-rlhf") / "harmless-base" / "test.jsonl.gz",
 }
-_HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_ASSISTANT = "\n\nAssistant:"
+_HUMAN = re.compile(r"\n\nHumans?:")  # a few HH dialogues misspell the marker as "Humans:"
 _CACHE_FORMAT = 1  # bump when the saved layout or the training recipe changes meaning
 _ENCODE_BATCH = 32
 
@@ -119,9 +122,8 @@ def split_dialogue(text: str) -> tuple[str, str]:
     if cut < 0:
         return "", text.strip()
     context, response = text[:cut], text[cut + len(_ASSISTANT):]
-    start = context.rfind(_HUMAN)
-    prompt = context[start + len(_HUMAN):] if start >= 0 else context
-    return prompt.strip(), response.strip()
+    turns = _HUMAN.split(context)
+    return turns[-1].strip(), response.strip()
 
 
 def hh_file(data_dir: str | Path, objective: str) -> Path:
@@ -248,8 +250,8 @@ class SentenceEncoder(nn.Module):
             firsts = self._clip(firsts, [max(budget // 4, budget - n) for n in second_counts], keep_end=True)
             first_counts = self._token_counts(firsts)
             seconds = self._clip(seconds, [budget - n for n in first_counts], keep_end=False)
-        lengths = self._token_counts([a + " " + (b or "") for a, b in zip(firsts, seconds or firsts)])
-        order = sorted(range(len(unique)), key=lengths.__getitem__)
+        # Characters track tokens well enough to sort by; batches of similar length pad little.
+        order = sorted(range(len(unique)), key=lambda i: len(firsts[i]) + (len(seconds[i]) if seconds else 0))
         device = next(self.model.parameters()).device
         pooled = torch.empty(len(unique), self.dim)
         starts = range(0, len(order), _ENCODE_BATCH)
@@ -427,39 +429,58 @@ def fit_reward_model(
     both = torch.cat([f_c, f_r])
     model.feature_mean.copy_(both.mean(0))
     model.feature_std.copy_(both.std(0).clamp(min=1e-6))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the head's matmuls are tiny: more threads cost more than they save
+    try:
+        with torch.random.fork_rng():  # seeded init and dropout without touching the global RNG
+            torch.manual_seed(config.seed)
+            best_loss, best_epoch = _train_head(model, (f_c, f_r), (v_c, v_r), config, progress, desc)
+        model.eval()
+        with torch.no_grad():
+            return {
+                "train_accuracy": pairwise_accuracy(model.raw(f_c), model.raw(f_r)),
+                "val_accuracy": pairwise_accuracy(model.raw(v_c), model.raw(v_r)),
+                "val_loss": best_loss,
+                "best_epoch": best_epoch,
+            }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(
+    model: RewardModel,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    config: RewardConfig,
+    progress: bool,
+    desc: str,
+) -> tuple[float, int]:
+    """AdamW epochs with early stopping on the validation loss; leaves the best head loaded."""
+    (f_c, f_r), (v_c, v_r) = train, val
+    for layer in model.net.modules():
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
+    optimiser = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    with torch.random.fork_rng():  # initialisation and dropout seeded without touching global state
-        torch.manual_seed(config.seed)
-        for layer in model.net.modules():
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        optimiser = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        best = (math.inf, 0, {k: v.clone() for k, v in model.net.state_dict().items()})
-        bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
-        for epoch in bar:
-            model.train()
-            for idx in torch.randperm(len(f_c), generator=generator).split(config.batch_size):
-                loss = bradley_terry_loss(model.raw(f_c[idx]), model.raw(f_r[idx]))
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-            model.eval()
-            with torch.no_grad():
-                val_loss = bradley_terry_loss(model.raw(v_c), model.raw(v_r)).item()
-            bar.set_postfix(val_loss=f"{val_loss:.4f}")
-            if val_loss < best[0]:
-                best = (val_loss, epoch + 1, {k: v.clone() for k, v in model.net.state_dict().items()})
-            elif epoch + 1 - best[1] >= config.patience:
-                break
-    model.net.load_state_dict(best[2])
-    model.eval()
-    with torch.no_grad():
-        return {
-            "train_accuracy": pairwise_accuracy(model.raw(f_c), model.raw(f_r)),
-            "val_accuracy": pairwise_accuracy(model.raw(v_c), model.raw(v_r)),
-            "val_loss": best[0],
-            "best_epoch": best[1],
-        }
+    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.net.state_dict())
+    bar = tqdm(range(1, config.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        for idx in torch.randperm(len(f_c), generator=generator).split(config.batch_size):
+            loss = bradley_terry_loss(model.raw(f_c[idx]), model.raw(f_r[idx]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = bradley_terry_loss(model.raw(v_c), model.raw(v_r)).item()
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        if val_loss < best_loss:
+            best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.net.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            break
+    model.net.load_state_dict(best_state)
+    return best_loss, best_epoch
 
 
 @torch.no_grad()

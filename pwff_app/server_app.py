@@ -5,12 +5,17 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from pwff_app.config import RunConfig
+from pwff_app.channel import ChannelConfig
+from pwff_app.checkpoint import load_checkpoint
+from pwff_app.config import ConfigError, RunConfig
 from pwff_app.methods import METHODS
 from pwff_app.models import count_params, group_params
 from pwff_app.results import RunRecorder, default_run_name
-from pwff_app.strategies import PartialFedAvg
+from pwff_app.strategies import AGGREGATORS
+from pwff_app.split import split_param_counts
+from pwff_app.strategies.split import run_split_learning
 from pwff_app.task import build_model_for
+from pwff_app.wireless import WirelessGrid
 
 app = ServerApp()
 
@@ -20,17 +25,51 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     spec = METHODS[cfg.method]
     out_dir = cfg.results_dir / (cfg.run_name or default_run_name(cfg.method, cfg.seed))
-    recorder = RunRecorder(out_dir, cfg.method, score_key="accuracy")
 
     model = build_model_for(cfg, client_id=None)
     initial = ArrayRecord({k: Array(v) for k, v in group_params(model, spec.shared).items()})
-    strategy = PartialFedAvg(
+    done = 0
+    if cfg.resume:
+        checkpoint = load_checkpoint(out_dir)
+        if checkpoint is None:
+            raise ConfigError(f"run config: 'resume' is set but {out_dir} holds no checkpoint")
+        done, initial, meta = checkpoint
+        if meta.get("method") != cfg.method or meta.get("seed") != cfg.seed:
+            raise ConfigError(f"run config: checkpoint in {out_dir} is {meta}, not method={cfg.method} seed={cfg.seed}")
+        print(f"[pwff] resuming {out_dir} after round {done}", flush=True)
+    recorder = RunRecorder(out_dir, cfg.method, score_key="accuracy", keep_rounds=done)
+    channel = ChannelConfig.from_run_config(context.run_config)
+    if channel.enabled:
+        grid = WirelessGrid(grid, channel)
+        recorder.extra["wireless"] = grid.round_stats
+
+    wireless_block = grid.summary_block if channel.enabled else (lambda: {"enabled": False})
+
+    if spec.protocol == "split":
+        run_split_learning(grid, cfg, recorder, cfg.task.num_rounds)
+        counts = split_param_counts(cfg)
+        path = recorder.finish({
+            "num_clients": cfg.num_clients,
+            "params": {"shared": counts["client_bottom"], "server": counts["server_top"], "private": {}},
+            "wireless": wireless_block(),
+            "config": dict(cfg.raw),
+        })
+        print(f"[pwff] results: {path}", flush=True)
+        return
+
+    kwargs = {"beta": cfg.trim_fraction} if cfg.aggregator == "trimmed-mean" else {}
+    strategy = AGGREGATORS[cfg.aggregator](
         recorder=recorder,
+        min_survivors=cfg.min_survivors,
+        max_update_norm=cfg.max_update_norm,
+        round_offset=done,
+        checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
         min_train_nodes=cfg.num_clients,
         min_evaluate_nodes=cfg.num_clients,
         min_available_nodes=cfg.num_clients,
+        **kwargs,
     )
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.task.num_rounds)
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.task.num_rounds - done)
 
     private = {}
     for record in recorder.rounds:
@@ -40,6 +79,8 @@ def main(grid: Grid, context: Context) -> None:
     path = recorder.finish({
         "num_clients": cfg.num_clients,
         "params": {"shared": count_params(model, spec.shared), "private": private},
+        "aggregator": cfg.aggregator,
+        "wireless": wireless_block(),
         "config": dict(cfg.raw),
     })
     print(f"[pwff] results: {path}", flush=True)

@@ -114,9 +114,10 @@ def sparse_attention_forward(
     probs = probs * keep.any(-1, keepdim=True)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    per_head = heads // keep.shape[1]
-    module.pwff_pairs[0] += int(keep.sum()) * per_head
-    module.pwff_pairs[1] += int(allowed.sum()) * per_head
+    # The mask may broadcast over batch and heads ([1|B, 1|H, Q, K]): count every (row, head).
+    copies = query.shape[0] * heads // (keep.shape[0] * keep.shape[1])
+    module.pwff_pairs[0] += int(keep.sum()) * copies
+    module.pwff_pairs[1] += int(allowed.sum()) * copies
     return out, probs
 
 

@@ -1,42 +1,74 @@
 """A client's private state: what it trains but never sends, kept across rounds.
 
-In simulation Flower keeps ``context.state`` across rounds. On a real SuperNode that lives in
-memory only, so when the node config has ``state-dir`` the arrays are also written there
-after every round (temp file + rename, never half a file) and read back on start.
+In simulation Flower keeps ``context.state`` across rounds of one run. On a real SuperNode that
+lives in memory only, and a resumed run is a new run, so when a state folder is configured
+(node config ``state-dir``, or run config ``client-state-dir`` in simulation) the arrays are
+also written there after every round (temp file + rename, never half a file) and read back.
+
+State is tagged with the round that produced it, so round ``r`` always starts from the state
+after round ``r - 1`` — also after a restart or a resume from a server checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
-_KEY = "pwff.private"
+_ARRAYS, _META = "pwff.private", "pwff.private-meta"
+_FILE = re.compile(r"private-(\d{5})\.npz$")
+
+
+def state_dir(context: Context, client_id: int) -> Path | None:
+    """Where this client's private state is persisted, or None (in memory only)."""
+    if context.node_config.get("state-dir"):
+        return Path(str(context.node_config["state-dir"]))
+    base, run_name = context.run_config.get("client-state-dir", ""), context.run_config.get("run-name", "")
+    if base:
+        return Path(str(base)) / (str(run_name) or "default") / f"client-{client_id}"
+    return None
 
 
 class PrivateStore:
-    """Private arrays of one client, in ``context.state`` and optionally on disk."""
+    """Private arrays of one client, by round, in ``context.state`` and optionally on disk."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, client_id: int) -> None:
         self.context = context
-        state_dir = context.node_config.get("state-dir")
-        self.path = Path(str(state_dir)) / "private.npz" if state_dir else None
+        self.dir = state_dir(context, client_id)
 
-    def load(self) -> dict[str, np.ndarray] | None:
-        if _KEY in self.context.state.array_records:
-            return {k: v.numpy() for k, v in self.context.state.array_records[_KEY].items()}
-        if self.path is not None and self.path.is_file():
-            with np.load(self.path) as f:
-                return {k: f[k] for k in f.files}
-        return None
+    def _files(self) -> dict[int, Path]:
+        if self.dir is None or not self.dir.is_dir():
+            return {}
+        return {int(m.group(1)): p for p in self.dir.iterdir() if (m := _FILE.search(p.name))}
 
-    def save(self, arrays: dict[str, np.ndarray]) -> None:
-        self.context.state[_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, self.path)
+    def load(self, upto_round: int | None = None) -> dict[str, np.ndarray] | None:
+        """The newest state saved at a round <= ``upto_round`` (None = newest of all)."""
+        limit = upto_round if upto_round is not None else 10**9
+        meta = self.context.state.config_records.get(_META)
+        in_memory = int(meta["round"]) if meta is not None else None
+        on_disk = max((r for r in self._files() if r <= limit), default=None)
+        if in_memory is not None and in_memory <= limit and (on_disk is None or in_memory >= on_disk):
+            return {k: v.numpy() for k, v in self.context.state.array_records[_ARRAYS].items()}
+        if on_disk is None:
+            return None
+        with np.load(self._files()[on_disk]) as f:
+            return {k: f[k] for k in f.files}
+
+    def save(self, arrays: dict[str, np.ndarray], server_round: int) -> None:
+        self.context.state[_ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        self.context.state[_META] = ConfigRecord({"round": server_round})
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"private-{server_round:05d}.npz"
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+        # Keep the last two rounds: enough to resume from a checkpoint one round behind.
+        for r, old in self._files().items():
+            if r < server_round - 1:
+                old.unlink(missing_ok=True)

@@ -53,7 +53,18 @@ def _reinit_lora(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=generator))
 
 
-def load_client_task(cfg: RunConfig, client_id: int, num_partitions: int) -> ClientTask:
+def round_seed(seed: int, client_id: int, server_round: int) -> int:
+    """A seed for one client's work in one round: new each round, the same on a repeat."""
+    return int(np.random.SeedSequence([seed, client_id, server_round]).generate_state(1)[0])
+
+
+def load_client_task(cfg: RunConfig, client_id: int, num_partitions: int, server_round: int = 1) -> ClientTask:
+    """The client's model (fresh: private/global state is loaded by the caller) and data.
+
+    Batch order and dropout are drawn from :func:`round_seed`, so a round repeated after a
+    restart or a resume does exactly what it did the first time.
+    """
+    torch.manual_seed(round_seed(cfg.seed, client_id, server_round))
     train, test = client_split(cfg.data_dir, cfg.task.dataset, client_id, num_partitions, cfg.task.alpha,
                                cfg.seed, cfg.task.max_train_samples, cfg.task.max_test_samples)
     tokenizer = load_tokenizer(cfg.task.model_name)
@@ -61,7 +72,7 @@ def load_client_task(cfg: RunConfig, client_id: int, num_partitions: int) -> Cli
         model=build_model_for(cfg, client_id),
         spec=METHODS[cfg.method],
         train_loader=make_loader(train, tokenizer, cfg.task.max_length, cfg.task.batch_size, shuffle=True,
-                                 seed=cfg.seed + client_id),
+                                 seed=round_seed(cfg.seed, client_id, server_round)),
         test_loader=make_loader(test, tokenizer, cfg.task.max_length, 2 * cfg.task.batch_size, shuffle=False),
         num_train=len(train),
         num_test=len(test),

@@ -29,8 +29,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
-from pwff_app.channel import ChannelConfig, Direction, LinkResult, ergodic_capacity_bps_per_hz, transmit
+from pwff_app.channel import ChannelConfig, LinkResult, ergodic_capacity_bps_per_hz, transmit
 from pwff_app.payload import payload_bytes
 
 # Error codes of replies the channel produced (Flower's own codes are 0-8).
@@ -38,8 +39,10 @@ UPLINK_LOST = 7001  # the client's update did not get through (reason: prefix + 
 DOWNLINK_LOST = 7002  # ``skip``: the global model did not reach the client, it sat out
 NO_STALE_COPY = 7003  # ``stale``: downlink lost and the client had no earlier copy
 
+# Error reasons: prefix + compact JSON (LinkResult fields, or client_id and server_round).
 UPLINK_LOST_PREFIX = "wireless: uplink lost "
 DOWNLINK_LOST_PREFIX = "wireless: downlink lost "
+NO_STALE_COPY_PREFIX = "wireless: downlink lost and no earlier global model "
 
 WIRELESS_KEY = "wireless"  # ConfigRecord the mod adds to delivered train replies
 DOWNLINK_LOST_FLAG = "pwff.downlink-lost"  # set in "config" of a stripped train message
@@ -63,7 +66,9 @@ def _compact(record: Mapping[str, object]) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
-def _replace_config(content: RecordDict, drop: Sequence[str] = (), add: Mapping[str, object] | None = None) -> RecordDict:
+def _replace_config(
+    content: RecordDict, drop: Sequence[str] = (), add: Mapping[str, object] | None = None
+) -> RecordDict:
     """Shallow copy of ``content`` whose round ConfigRecord is a new, edited copy.
 
     Never edits ``content`` itself: strategies send one RecordDict to every node.
@@ -113,7 +118,7 @@ def uplink_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if config.get(DOWNLINK_LOST_FLAG, False):
         restored = {k: context.state.get(_STATE_PREFIX + k) for k in msg.content.array_records}
         if any(r is None for r in restored.values()):
-            reason = f"wireless: downlink lost in round {server_round}, client {client_id} has no earlier global model"
+            reason = NO_STALE_COPY_PREFIX + _compact({"client_id": client_id, "server_round": server_round})
             return Message(Error(code=NO_STALE_COPY, reason=reason), reply_to=msg)
         content = _replace_config(msg.content, drop=(DOWNLINK_LOST_FLAG, DOWNLINK_DELAY_KEY))
         for key, record in restored.items():
@@ -318,12 +323,12 @@ class WirelessGrid(Grid):
             raise AttributeError(name)
         return getattr(self._grid, name)
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr.supercore.run.Run
+    def set_run(self, run: Run) -> None:
         """Delegate."""
         self._grid.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201 - flwr.supercore.run.Run
+    def run(self) -> Run:
         """Delegate."""
         return self._grid.run
 
@@ -452,6 +457,8 @@ class WirelessGrid(Grid):
             if reply.error.code == UPLINK_LOST and reason.startswith(UPLINK_LOST_PREFIX):
                 stats = json.loads(reason[len(UPLINK_LOST_PREFIX) :])
                 return LinkResult.from_record(stats), stats.get("compute_s"), int(stats["client_id"])
+            if reply.error.code == NO_STALE_COPY and reason.startswith(NO_STALE_COPY_PREFIX):
+                return None, None, int(json.loads(reason[len(NO_STALE_COPY_PREFIX) :])["client_id"])
             return None, None, None
         content = reply.content
         info = content.config_records.get("info")

@@ -116,7 +116,7 @@ def test_loss_rate_falls_as_snr_rises() -> None:
     # by more than 4 combined standard errors (measured: 0.96, 0.70, 0.32, 0.10, 0.003).
     rates = []
     for snr_db in [-5.0, 0.0, 5.0, 10.0, 20.0]:
-        cfg = ChannelConfig(snr_db=(snr_db,), max_retx=1)
+        cfg = ChannelConfig(snr_db=(snr_db,), waterfall_db=0.0, max_retx=1)
         lost = np.array([not r.delivered for r in links(cfg, 2 * 8192, 4000)])
         rates.append((lost.mean(), lost.var() / lost.size))
     for (hi, var_hi), (lo, var_lo) in zip(rates, rates[1:]):
@@ -145,7 +145,8 @@ def test_same_key_same_result_and_order_independent() -> None:
 
 def test_different_links_draw_differently() -> None:
     cfg = ChannelConfig(seed=7)
-    gains = {(c, r, d): transmit(1000, cfg, c, r, d).gain for r in range(1, 4) for c in range(3) for d in ("up", "down")}
+    keys = [(c, r, d) for r in range(1, 4) for c in range(3) for d in ("up", "down")]
+    gains = {k: transmit(1000, cfg, *k).gain for k in keys}
     assert len(set(gains.values())) == len(gains)
     assert transmit(1000, replace(cfg, seed=8), 0, 1, "up").gain != gains[(0, 1, "up")]
     # The stream of attempt k is its own, and gains do not depend on the payload.
@@ -182,7 +183,7 @@ def test_delay_is_bits_over_rate_without_retransmissions() -> None:
 
 
 def test_packet_accounting_with_retransmissions() -> None:
-    cfg = ChannelConfig(snr_db=(5.0,), packet_bits=8192, max_retx=3)
+    cfg = ChannelConfig(snr_db=(5.0,), waterfall_db=0.0, packet_bits=8192, max_retx=3)
     payload = 20 * 8192 + 100  # 21 packets, the last one short
     results = links(cfg, payload, 200)
     assert all(r.packets == 21 for r in results)

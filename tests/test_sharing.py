@@ -70,7 +70,7 @@ def test_pftt_reply_carries_exactly_the_shared_bytes_and_no_lora(tiny_data_dir, 
     shared_params = count_params(build_model_for(cfg, None), {"adapter"})
     assert payload_bytes(reply.content) == 4 * shared_params  # float32
     # No private tensor travels, neither by name nor by value (e.g. renamed).
-    private = PrivateStore(context).load()
+    private = PrivateStore(context, 0).load()
     assert private and any(".lora_" in k for k in private) and any(k.startswith("head.") for k in private)
     sent = [a.numpy() for a in reply.content["arrays"].values()]
     for value in private.values():
@@ -83,7 +83,7 @@ def test_private_state_persists_across_rounds(tiny_data_dir, tmp_path):
     cfg = RunConfig.from_run_config(tiny_config(tiny_data_dir, tmp_path))
     context = make_context(dict(cfg.raw), partition_id=1, **{"state-dir": str(tmp_path / "node1")})
     client_app.train(_global_message(cfg, 1), context)
-    after_round1 = PrivateStore(context).load()
+    after_round1 = PrivateStore(context, 1).load()
 
     # Round 2 starts from round 1's private weights: evaluating before training shows it
     # (a fresh client would have zero LoRA B and the untrained head).
@@ -92,13 +92,13 @@ def test_private_state_persists_across_rounds(tiny_data_dir, tmp_path):
     assert any(not np.array_equal(after_round1[k], fresh_private[k]) for k in fresh_private)
 
     client_app.train(_global_message(cfg, 2), context)
-    after_round2 = PrivateStore(context).load()
+    after_round2 = PrivateStore(context, 1).load()
     assert set(after_round2) == set(after_round1)
     assert any(not np.array_equal(after_round2[k], after_round1[k]) for k in after_round1)
 
     # A restarted node (new context, same state dir) gets the same bytes back from disk.
     restarted = make_context(dict(cfg.raw), partition_id=1, **{"state-dir": str(tmp_path / "node1")})
-    reloaded = PrivateStore(restarted).load()
+    reloaded = PrivateStore(restarted, 1).load()
     assert all(np.array_equal(reloaded[k], after_round2[k]) for k in after_round2)
 
 

@@ -1,0 +1,36 @@
+"""Server checkpoints: the global shared weights and the round they belong to.
+
+Written after every round (temp file + rename), so an interrupted run can continue from its
+last complete round with ``resume=true`` and the same ``run-name``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+
+def save_checkpoint(out_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict) -> None:
+    """Write ``checkpoint.npz`` then ``checkpoint.json`` (the JSON names the round: written last)."""
+    tmp = out_dir / "checkpoint.npz.tmp"
+    with tmp.open("wb") as f:
+        np.savez(f, **{k: v.numpy() for k, v in arrays.items()})
+    os.replace(tmp, out_dir / "checkpoint.npz")
+    tmp = out_dir / "checkpoint.json.tmp"
+    tmp.write_text(json.dumps({"round": server_round, **meta}, sort_keys=True))
+    os.replace(tmp, out_dir / "checkpoint.json")
+
+
+def load_checkpoint(out_dir: Path) -> tuple[int, ArrayRecord, dict] | None:
+    """(round, global arrays, meta) of the last checkpoint, or None if there is none."""
+    meta_path = out_dir / "checkpoint.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    with np.load(out_dir / "checkpoint.npz") as f:
+        arrays = ArrayRecord({k: Array(f[k]) for k in f.files})
+    return int(meta.pop("round")), arrays, meta

@@ -1,0 +1,322 @@
+"""FedBERT on the server: SplitFed-V2 style split learning over Flower's Message API.
+
+One server-side top (encoder layers ``k..n-1``, pooling, head) is trained by the clients in
+turn (order reshuffled every round from the seed), one batch per message exchange; the
+clients' bottoms are FedAvg'd (weighted by training examples) at the end of the round and
+broadcast with the first message of the next round. Thapa et al., "SplitFed: When Federated
+Learning Meets Split Learning", AAAI 2022 (SplitFed-V2: sequential clients on one server-side
+model); FedBERT (Tian et al., ACM TIST 2022) uses the same scheme for BERT.
+
+Per round, per client (the server speaks first: a ClientApp cannot send unsolicited messages):
+
+    step 0        TRAIN  {arrays: global bottom,  config: round, step=0}      -> activations of batch 0
+    step t        TRAIN  {arrays: grad.<t-1>,     config: round, step=t}      -> activations of batch t
+    step S        TRAIN  {arrays: grad.<S-1>,     config: round, step=S, final} -> bottom weights
+
+then, per client, EVALUATE messages carry the new global bottom (step 0) and fetch the
+activations of each test batch; the server's top turns them into accuracy and loss.
+
+Traffic (``RunRecorder.client``): ``downlink_bytes`` = the bottom broadcast + every gradient,
+``uplink_bytes`` = every activation reply (activations + mask + labels) + the final bottom
+weights; tensor bytes per :func:`pwff_app.payload.payload_bytes`. TRAIN messages and replies
+go through the Grid it is given, so a wireless Grid wrapper simulates every one of them;
+EVALUATE traffic is a measurement and counted apart (``eval_*_bytes``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from pwff_app.config import ConfigError, RunConfig
+from pwff_app.payload import payload_bytes
+from pwff_app.results import RunRecorder
+from pwff_app.split import (
+    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, SplitConfig, build_split_model,
+    new_optimizer, server_step, split_model, trained_arrays,
+)
+from pwff_app.strategies.partial import reply_problem
+
+REPLY_TIMEOUT_S = 3600.0  # per message exchange, as Flower strategies' default round timeout
+_POLL_MIN_S, _POLL_MAX_S = 0.002, 0.05
+
+
+class _Failed(Exception):
+    """A client dropped out of the round: no reply, an error reply, or an unusable reply."""
+
+
+def exchange(grid: Grid, msg: Message, timeout: float = REPLY_TIMEOUT_S) -> Message:
+    """Send one message and wait for its reply.
+
+    Pushes and pulls with a short poll (Flower's ``send_and_receive`` on the deployment Grid
+    sleeps 3 s between pulls, which would dominate a per-batch protocol); grids without
+    push/pull (in-process test grids) use ``send_and_receive``.
+    """
+    try:
+        ids = list(grid.push_messages([msg]))
+    except NotImplementedError:
+        replies = list(grid.send_and_receive([msg], timeout=timeout))
+        if not replies:
+            raise _Failed("no reply") from None
+        return replies[0]
+    if not ids:  # a wireless Grid withholds a message whose downlink was lost ("skip")
+        raise _Failed("message not delivered (downlink lost)")
+    deadline, wait = time.monotonic() + timeout, _POLL_MIN_S
+    while True:
+        replies = list(grid.pull_messages(ids))
+        if replies:
+            return replies[0]
+        if time.monotonic() > deadline:
+            raise _Failed(f"no reply within {timeout:.0f} s")
+        time.sleep(wait)
+        wait = min(wait * 1.5, _POLL_MAX_S)
+
+
+def wait_for_nodes(grid: Grid, num_clients: int, poll_s: float = 1.0) -> list[int]:
+    """Node ids once at least ``num_clients`` are connected (as Flower strategies wait)."""
+    logged = 0.0
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= num_clients:
+            return nodes
+        if time.monotonic() - logged > 30:
+            log(INFO, "fedbert: waiting for %d nodes (%d connected)", num_clients, len(nodes))
+            logged = time.monotonic()
+        time.sleep(poll_s)
+
+
+@dataclass
+class ClientRound:
+    """What one client did in one round, as the server saw it."""
+
+    node_id: int
+    client_id: int = -1
+    uplink_activation_bytes: int = 0
+    uplink_weight_bytes: int = 0
+    downlink_gradient_bytes: int = 0
+    downlink_weight_bytes: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    client_compute_s: float = 0.0
+    server_compute_s: float = 0.0
+    num_examples: int = 0
+    skipped_backward: int = 0
+    bottom: ArrayRecord | None = None
+    failure: str | None = None
+
+    @property
+    def uplink_bytes(self) -> int:
+        return self.uplink_activation_bytes + self.uplink_weight_bytes
+
+    @property
+    def downlink_bytes(self) -> int:
+        return self.downlink_gradient_bytes + self.downlink_weight_bytes
+
+    def record(self) -> dict:
+        out = {
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "uplink_activation_bytes": self.uplink_activation_bytes,
+            "uplink_weight_bytes": self.uplink_weight_bytes,
+            "downlink_gradient_bytes": self.downlink_gradient_bytes,
+            "downlink_weight_bytes": self.downlink_weight_bytes,
+            "steps": self.steps,
+            "compute_s": round(self.client_compute_s, 4),
+            "server_compute_s": round(self.server_compute_s, 4),
+        }
+        if self.seen:
+            out["train_loss"] = self.loss_sum / self.seen
+        if self.bottom is not None:
+            out["num_examples"] = self.num_examples
+            out["skipped_backward"] = self.skipped_backward
+        return out
+
+
+def _reply_info(reply: Message, expected_step: int) -> tuple[int, dict]:
+    """(client id, metrics) of a reply after the checks every reply must pass."""
+    if reply.has_error():
+        raise _Failed(f"error reply {reply.error.code}: {reply.error.reason}")
+    content = reply.content
+    if len(content.array_records) > 1 or len(content.metric_records) != 1 or INFO_KEY not in content.config_records:
+        raise _Failed("reply must hold at most one ArrayRecord, one MetricRecord and ConfigRecord 'info'")
+    info = content.config_records[INFO_KEY]
+    if int(info.get("step", -1)) != expected_step:
+        raise _Failed(f"reply for step {info.get('step')} while expecting step {expected_step}")
+    return int(info["client-id"]), dict(next(iter(content.metric_records.values())))
+
+
+def _activations(reply: Message, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    record = reply.content.array_records.get(ARRAYS)
+    if record is None or set(record.keys()) != {ACTIVATIONS, MASK, LABELS}:
+        raise _Failed(f"reply must carry arrays {ACTIVATIONS}, {MASK}, {LABELS}")
+    acts, mask, labels = (record[k].numpy() for k in (ACTIVATIONS, MASK, LABELS))
+    if acts.ndim != 3 or acts.shape[2] != hidden or mask.shape != acts.shape[:2] or labels.shape != acts.shape[:1]:
+        raise _Failed(f"activation shapes {acts.shape}, mask {mask.shape}, labels {labels.shape} do not fit")
+    if not np.isfinite(acts).all():
+        raise _Failed("non-finite activations")
+    return (torch.from_numpy(np.array(acts, dtype=np.float32)), torch.from_numpy(mask.astype(np.int64)),
+            torch.from_numpy(labels.astype(np.int64)))
+
+
+class SplitServer:
+    """The server's side of FedBERT: the top, its optimizer, the global bottom."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
+        self.cfg, self.recorder = cfg, recorder
+        self.split = SplitConfig.from_run_config(cfg)
+        torch.manual_seed(cfg.seed)  # the top's dropout draws
+        model = build_split_model(cfg, self.split)
+        bottom, self.top = split_model(model, self.split.split_layer)
+        self.global_bottom = ArrayRecord({k: Array(v) for k, v in trained_arrays(bottom).items()})
+        del bottom
+        self.hidden = int(self.top.config.hidden_size)
+        self.optimizer = new_optimizer(self.top, self.split.lr)
+        self.client_of_node: dict[int, int] = {}
+
+    # -- one client's training in one round ----------------------------------------------
+
+    def train_client(self, grid: Grid, node: int, server_round: int) -> ClientRound:
+        cr = ClientRound(node_id=node, client_id=self.client_of_node.get(node, -1))
+        step, num_steps, grad = 0, None, None
+        self.top.train()
+        try:
+            while True:
+                final = num_steps is not None and step == num_steps
+                if step == 0:
+                    arrays = self.global_bottom
+                else:
+                    arrays = ArrayRecord({f"{GRAD_PREFIX}{step - 1}": Array(grad.numpy())})
+                content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(
+                    {"server-round": server_round, "step": step, "final": final})})
+                sent = payload_bytes(content)
+                if step == 0:
+                    cr.downlink_weight_bytes += sent
+                else:
+                    cr.downlink_gradient_bytes += sent
+                reply = exchange(grid, Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                               group_id=str(server_round)))
+                client_id, metrics = _reply_info(reply, step)
+                cr.client_id = self.client_of_node[node] = client_id
+                cr.client_compute_s += float(reply.content[INFO_KEY].get("compute-s", 0.0))
+                if final:
+                    cr.uplink_weight_bytes += payload_bytes(reply.content)
+                    weights = reply.content.array_records.get(ARRAYS, ArrayRecord())
+                    problem = reply_problem(weights, self.global_bottom, self.cfg.max_update_norm)
+                    if problem is not None:
+                        raise _Failed(f"bottom weights rejected: {problem}")
+                    cr.bottom, cr.num_examples = weights, int(metrics["num-examples"])
+                    cr.skipped_backward = int(metrics.get("skipped-backward", 0))
+                    return cr
+                cr.uplink_activation_bytes += payload_bytes(reply.content)
+                acts, mask, labels = _activations(reply, self.hidden)
+                num_steps = int(metrics["num-steps"])
+                started = time.perf_counter()
+                loss, grad = server_step(self.top, acts, mask, labels, self.optimizer)
+                cr.server_compute_s += time.perf_counter() - started
+                cr.loss_sum += loss * len(labels)
+                cr.seen += len(labels)
+                cr.steps += 1
+                step += 1
+        except _Failed as err:
+            cr.failure = str(err)
+            return cr
+
+    # -- one client's evaluation ----------------------------------------------------------
+
+    def evaluate_client(self, grid: Grid, node: int, server_round: int) -> dict | None:
+        """Accuracy and mean loss of global bottom + top on the client's test split."""
+        self.top.eval()
+        correct, loss_sum, seen, step, num_steps, up, down = 0, 0.0, 0, 0, None, 0, 0
+        client_id = self.client_of_node.get(node, -1)
+        try:
+            while num_steps is None or step < num_steps:
+                content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "step": step})})
+                if step == 0:
+                    content[ARRAYS] = self.global_bottom
+                down += payload_bytes(content)
+                reply = exchange(grid, Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
+                                               group_id=str(server_round)))
+                client_id, metrics = _reply_info(reply, step)
+                self.client_of_node[node] = client_id
+                up += payload_bytes(reply.content)
+                num_steps = int(metrics["num-steps"])
+                if num_steps == 0:
+                    break
+                acts, mask, labels = _activations(reply, self.hidden)
+                with torch.no_grad():
+                    logits = self.top(acts, mask)
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += len(labels)
+                step += 1
+        except _Failed as err:
+            self.recorder.event("eval-failed", node=node, client=client_id, round=server_round, step=step,
+                                reason=str(err))
+            return None
+        finally:
+            self.top.train()
+        out = {"eval_uplink_bytes": up, "eval_downlink_bytes": down}
+        if seen:
+            out.update(accuracy=correct / seen, loss=loss_sum / seen)
+        self.recorder.client(client_id, **out)
+        return out
+
+    # -- aggregation ---------------------------------------------------------------------
+
+    def aggregate(self, results: list[ClientRound]) -> None:
+        """Weighted FedAvg of the returned bottoms into the global bottom."""
+        done = [r for r in results if r.bottom is not None and r.num_examples > 0]
+        if len(done) < self.cfg.min_survivors:
+            log(WARNING, "fedbert: %d bottoms < %d: global bottom unchanged", len(done), self.cfg.min_survivors)
+            self.recorder.event("kept-global", reason=f"{len(done)} valid bottoms < {self.cfg.min_survivors}")
+            return
+        total = float(sum(r.num_examples for r in done))
+        averaged = {}
+        for key, ref in self.global_bottom.items():
+            acc = np.zeros(ref.shape, dtype=np.float64)
+            for r in done:
+                acc += r.bottom[key].numpy().astype(np.float64) * (r.num_examples / total)
+            averaged[key] = Array(acc.astype(ref.numpy().dtype))
+        self.global_bottom = ArrayRecord(averaged)
+
+
+def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_rounds: int) -> None:
+    """FedBERT for ``num_rounds`` rounds; per-client records go to ``recorder`` every round."""
+    if cfg.resume:
+        raise ConfigError("run config: 'resume' is not supported for fedbert (split learning keeps no checkpoint)")
+    server = SplitServer(cfg, recorder)
+    nodes = wait_for_nodes(grid, cfg.num_clients)
+    log(INFO, "fedbert: split after layer %d, train=%s, lr=%g, %d nodes, %d rounds",
+        server.split.split_layer, server.split.train, server.split.lr, len(nodes), num_rounds)
+    for server_round in range(1, num_rounds + 1):
+        # Seeded order over clients (by client id once every node has named its client; the
+        # first round can only go by node id), so a rerun with the same seed trains alike.
+        known = all(n in server.client_of_node for n in nodes)
+        ranked = sorted(nodes, key=lambda n: server.client_of_node[n]) if known else nodes
+        order = [ranked[i] for i in np.random.default_rng([cfg.seed, server_round]).permutation(len(ranked))]
+        results = []
+        for node in order:
+            cr = server.train_client(grid, node, server_round)
+            if cr.client_id >= 0:  # unknown until a first reply names the client
+                recorder.client(cr.client_id, **cr.record())
+            if cr.failure is not None:
+                log(WARNING, "fedbert round %d: client %d (node %d) dropped at step %d: %s",
+                    server_round, cr.client_id, node, cr.steps, cr.failure)
+                recorder.event("failed", node=node, client=cr.client_id, round=server_round, step=cr.steps,
+                               reason=cr.failure, uplink_bytes=cr.uplink_bytes, downlink_bytes=cr.downlink_bytes)
+            results.append(cr)
+        server.aggregate(results)
+        for node in nodes:
+            server.evaluate_client(grid, node, server_round)
+        recorder.end_round(server_round)
+
+
+__all__ = ["ClientRound", "SplitServer", "exchange", "run_split_learning", "wait_for_nodes"]

@@ -1,0 +1,106 @@
+"""Resume from a checkpoint, hostile replies, robust aggregation: the run goes on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, Message
+
+from pwff_app.checkpoint import load_checkpoint
+from pwff_app.config import ConfigError, RunConfig
+from tests.conftest import tiny_config
+from tests.inprocess import InProcessGrid, run_server
+
+
+def _rounds(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_data_dir, tmp_path):
+    common = dict(client_state_dir=str(tmp_path / "clients"), task__num_rounds=3, num_clients=2)
+    full = tiny_config(tiny_data_dir, tmp_path, run_name="full", **common)
+    run_server(full, InProcessGrid(full, 2))
+
+    part = tiny_config(tiny_data_dir, tmp_path, run_name="part", **{**common, "task__num_rounds": 2})
+    run_server(part, InProcessGrid(part, 2))
+    assert load_checkpoint(tmp_path / "part")[0] == 2
+    # A fresh process: new node contexts, so private state must come back from disk.
+    resumed = tiny_config(tiny_data_dir, tmp_path, run_name="part", resume=True, **common)
+    run_server(resumed, InProcessGrid(resumed, 2))
+
+    r_full, a_full, _ = load_checkpoint(tmp_path / "full")
+    r_part, a_part, _ = load_checkpoint(tmp_path / "part")
+    assert r_full == r_part == 3
+    for key in a_full:
+        np.testing.assert_array_equal(a_full[key].numpy(), a_part[key].numpy())
+    assert [r["round"] for r in _rounds(tmp_path / "part")] == [1, 2, 3]
+    acc = lambda p: [r["accuracy_mean"] for r in _rounds(p)]  # noqa: E731
+    assert acc(tmp_path / "full") == acc(tmp_path / "part")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_data_dir, tmp_path):
+    rc = tiny_config(tiny_data_dir, tmp_path, run_name="none", resume=True, num_clients=2)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_server(rc, InProcessGrid(rc, 2))
+    with pytest.raises(ConfigError, match="run-name"):
+        RunConfig.from_run_config(tiny_config(tiny_data_dir, tmp_path, resume=True))
+
+
+def _hostile(client_id: int, reply: Message) -> Message:
+    arrays = reply.content["arrays"]
+    key = next(iter(arrays.keys()))
+    value = arrays[key].numpy().copy()
+    if client_id == 1:
+        value[0] = np.nan
+        arrays[key] = Array(value)
+    elif client_id == 2:
+        arrays[key] = Array(value + 1e3)
+    elif client_id == 3:
+        arrays["backbone.encoder.layer.0.attention.self.query.lora_A.default.weight"] = \
+            Array(np.ones((8, 384), dtype=np.float32))
+    elif client_id == 4:
+        arrays[key] = Array(value.reshape(-1)[:-1].copy())
+    elif client_id == 5:
+        value[..., 0] = np.inf
+        arrays[key] = Array(value)
+    return reply
+
+
+def test_hostile_replies_are_rejected_and_the_round_goes_on(tiny_data_dir, tmp_path):
+    rc = tiny_config(tiny_data_dir, tmp_path, run_name="hostile", num_clients=6, task__num_rounds=1,
+                     max_update_norm=100.0)
+    honest_update = {}
+
+    def tamper(client_id: int, reply: Message) -> Message:
+        if client_id == 0:
+            honest_update.update({k: v.numpy().copy() for k, v in reply.content["arrays"].items()})
+        return _hostile(client_id, reply)
+
+    run_server(rc, InProcessGrid(rc, 6, tamper=tamper))
+    record = _rounds(tmp_path / "hostile")[0]
+    reasons = sorted(e["reason"] for e in record["events"] if e["kind"] == "rejected")
+    assert len(reasons) == 5, reasons
+    assert any("non-finite" in r for r in reasons) and any("update norm" in r for r in reasons)
+    assert any("unexpected" in r and "lora" in r for r in reasons)
+    assert any("float32[" in r for r in reasons)
+    assert "uplink_bytes" in record["clients"]["0"]
+    assert all("uplink_bytes" not in record["clients"].get(c, {}) for c in "12345")
+    # The honest round completed: the new global is exactly the one valid update.
+    _, new_global, _ = load_checkpoint(tmp_path / "hostile")
+    assert set(new_global.keys()) == set(honest_update)
+    for key, value in honest_update.items():
+        np.testing.assert_allclose(new_global[key].numpy(), value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed-mean"])
+def test_robust_aggregators_run(tiny_data_dir, tmp_path, aggregator):
+    rc = tiny_config(tiny_data_dir, tmp_path, run_name=aggregator, aggregator=aggregator, num_clients=3,
+                     task__num_rounds=1, trim_fraction=0.34)
+    run_server(rc, InProcessGrid(rc, 3, tamper=lambda c, r: _hostile(2, r) if c == 0 else r))
+    _, arrays, _ = load_checkpoint(tmp_path / aggregator)
+    # One of three clients shifted every weight of one tensor by 1e3: median/trimmed mean ignore it.
+    assert max(float(np.abs(a.numpy()).max()) for a in arrays.values()) < 10
+    summary = json.loads((tmp_path / aggregator / "summary.json").read_text())
+    assert summary["aggregator"] == aggregator
