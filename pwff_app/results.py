@@ -17,10 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-_console = Console(highlight=False)
-
 
 def default_run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -96,7 +92,7 @@ class RunRecorder:
             line += f" | latency {wireless['latency_s']:.3f} s | lost {wireless['lost_updates']}"
         if r["events"]:
             line += f" | {len(r['events'])} rejected/failed"
-        _console.print(line, markup=False)
+        print(line, flush=True)  # one unwrapped line per round, also in piped logs
 
     def comm_block(self) -> dict[str, Any]:
         """Mean bytes per round per client and their total, each direction."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from pwff_app import client_app
@@ -120,3 +121,25 @@ def test_client_refuses_a_global_with_foreign_keys(tiny_data_dir, tmp_path):
         Array(np.zeros((8, 384), dtype=np.float32))
     with pytest.raises(ValueError, match="shared set"):
         client_app.train(msg, make_context(dict(cfg.raw), partition_id=0))
+
+
+@pytest.mark.parametrize("arch", ["roberta", "distilbert"])
+def test_other_encoders_by_local_path(tmp_path, arch):
+    """RoBERTa (the paper's model) and DistilBERT layouts get adapters and LoRA by path."""
+    from transformers import AutoModel, DistilBertConfig, RobertaConfig
+
+    from pwff_app.models import build_task_model
+
+    config = (RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=70)
+              if arch == "roberta" else
+              DistilBertConfig(vocab_size=100, dim=32, n_layers=4, n_heads=2, hidden_dim=64))
+    AutoModel.from_config(config).save_pretrained(tmp_path / arch)
+    model = build_task_model(str(tmp_path / arch), METHODS["pftt"], num_labels=4, adapter_size=8,
+                             lora_rank=4, lora_alpha=8, resource_level=0.5, seed=0)
+    groups = {param_group(n) for n, p in model.named_parameters() if p.requires_grad}
+    assert groups == {"adapter", "lora", "head"}
+    lora_layers = {n.split(".layer.")[1].split(".")[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert lora_layers == {"2", "3"}  # level 0.5 of 4 layers: the top two
+    ids = torch.randint(0, 100, (2, 7))
+    assert model(ids, torch.ones_like(ids)).shape == (2, 4)
