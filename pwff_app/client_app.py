@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.app import MessageType
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from pwff_app.config import RunConfig
 from pwff_app.methods import METHODS
@@ -20,6 +23,17 @@ from pwff_app.wireless import uplink_mod
 
 # The link is a mod around every message: the learning code below never sees the channel.
 app = ClientApp(mods=[uplink_mod])
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side clipping, active when the server's DP wrapper sends a clip norm.
+
+    Inside the link mod, so what crosses the channel is the clipped update.
+    """
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def _is_split(context: Context) -> bool:
@@ -45,7 +59,7 @@ def _prepare(msg: Message, context: Context, private_upto: int) -> tuple[RunConf
     return cfg, client_id, server_round, task, store
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     if _is_split(context):
         return handle_split_message(msg, context)

@@ -138,6 +138,8 @@ class RunConfig:
     trim_fraction: float
     max_update_norm: float
     min_survivors: int
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
     task: TaskConfig
     raw: Mapping[str, Scalar] = field(repr=False, compare=False)
 
@@ -167,11 +169,15 @@ class RunConfig:
             trim_fraction=trim,
             max_update_norm=_get(rc, "max-update-norm", float, 0.0),
             min_survivors=_get(rc, "min-survivors", int, 1),
+            dp_noise_multiplier=_get(rc, "dp.noise-multiplier", float, 0.0),
+            dp_clipping_norm=_get(rc, "dp.clipping-norm", float, 1.0),
             task=TaskConfig.from_run_config(rc),
             raw=dict(rc),
         )
         _non_negative("max-update-norm", cfg.max_update_norm)
         _positive("min-survivors", cfg.min_survivors)
+        _non_negative("dp.noise-multiplier", cfg.dp_noise_multiplier)
+        _positive("dp.clipping-norm", cfg.dp_clipping_norm)
         if cfg.resume and not cfg.run_name:
             raise ConfigError("run config: 'resume' needs 'run-name' (the run to continue)")
         return cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from pwff_app.channel import ChannelConfig
 from pwff_app.checkpoint import load_checkpoint
@@ -69,6 +70,15 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=cfg.num_clients,
         **kwargs,
     )
+    privacy = {"enabled": False}
+    if cfg.dp_noise_multiplier > 0:
+        # Clipped on the client (dp_clipping_mod), noised on the server after aggregation.
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=cfg.dp_noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
+            num_sampled_clients=cfg.num_clients)
+        privacy = {"enabled": True, "mechanism": "client-side fixed clipping + Gaussian noise (Flower)",
+                   "noise_multiplier": cfg.dp_noise_multiplier, "clipping_norm": cfg.dp_clipping_norm,
+                   "num_sampled_clients": cfg.num_clients}
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.task.num_rounds - done)
 
     private = {}
@@ -81,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         "params": {"shared": count_params(model, spec.shared), "private": private},
         "aggregator": cfg.aggregator,
         "wireless": wireless_block(),
+        "privacy": privacy,
         "config": dict(cfg.raw),
     })
     print(f"[pwff] results: {path}", flush=True)

@@ -104,3 +104,28 @@ def test_robust_aggregators_run(tiny_data_dir, tmp_path, aggregator):
     assert max(float(np.abs(a.numpy()).max()) for a in arrays.values()) < 10
     summary = json.loads((tmp_path / aggregator / "summary.json").read_text())
     assert summary["aggregator"] == aggregator
+
+
+def test_client_side_dp_clips_each_update_and_noises_the_aggregate(tiny_data_dir, tmp_path):
+    rc = tiny_config(tiny_data_dir, tmp_path, run_name="dp", num_clients=2, task__num_rounds=1,
+                     dp__noise_multiplier=0.5, dp__clipping_norm=0.01)
+    sent: dict[int, dict] = {}
+    run_server(rc, InProcessGrid(rc, 2, tamper=lambda c, r: sent.update(
+        {c: {k: v.numpy().copy() for k, v in r.content["arrays"].items()}}) or r))
+    released = dict(np.load(tmp_path / "dp" / "checkpoint.npz"))
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["privacy"] == {"enabled": True, "clipping_norm": 0.01, "noise_multiplier": 0.5,
+                                  "num_sampled_clients": 2,
+                                  "mechanism": "client-side fixed clipping + Gaussian noise (Flower)"}
+    # Reference: what the server sent is the seeded initial global, rebuilt without DP.
+    from pwff_app.methods import METHODS
+    from pwff_app.models import group_params
+    from pwff_app.task import build_model_for
+    start = group_params(build_model_for(RunConfig.from_run_config(rc), None), METHODS["pftt"].shared)
+    for update in sent.values():
+        norm = np.sqrt(sum(np.sum((update[k].astype(np.float64) - start[k]) ** 2) for k in start))
+        assert norm <= 0.01 * (1 + 1e-4)
+    # Noise: the aggregate is the mean of clipped updates plus N(0, (0.5 * 0.01 / 2)^2).
+    mean = {k: (sent[0][k] + sent[1][k]) / 2 for k in start}
+    residual = np.concatenate([(released[k] - mean[k]).ravel() for k in start])
+    assert abs(residual.std() - 0.5 * 0.01 / 2) < 0.1 * 0.5 * 0.01 / 2

@@ -1,0 +1,88 @@
+"""The ``pwff`` command.
+
+    pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
+    pwff train-rewards [...]      (forwards to pwff_app.rewards.main)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
+    from pwff_app.reproduce import ALL_METHODS, DEFAULT_SEED_BASE, PROFILES
+
+    p = sub.add_parser("reproduce", help="reproduce a figure of the paper through real `flwr run`s")
+    which = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    f = which.add_parser("pftt", help="Fig. 5: PFTT vs vanilla FL, FedLoRA, FedBert (+ local, fedavg-full)",
+                         description="Run every method for several seeds through `flwr run` (resuming: "
+                                     "runs with a summary.json are skipped), then write comparison.csv, "
+                                     "comparison.md and PNG plots into --out.")
+    f.add_argument("--quick", action="store_true",
+                   help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
+                   + "); default: the paper's profile (40 rounds)")
+    f.add_argument("--seeds", type=int, default=3, metavar="N", help="number of seeds (default 3)")
+    f.add_argument("--seed-base", type=int, default=DEFAULT_SEED_BASE,
+                   help=f"first seed; seeds are BASE..BASE+N-1 (default {DEFAULT_SEED_BASE})")
+    f.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: pwff-reproduce/pftt-quick or pwff-reproduce/pftt-full)")
+    f.add_argument("--app", type=Path, default=None, help="Flower app folder (default: this package's project)")
+    f.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
+                   metavar="METHOD", help=f"methods to run (default: all of {' '.join(ALL_METHODS)})")
+    f.add_argument("--data-dir", type=Path, default=None,
+                   help="local data folder (PWFF_DATA_DIR); default: $PWFF_DATA_DIR or the Hub")
+    f.add_argument("--aggregate-only", action="store_true",
+                   help="run nothing; only rebuild the table and plots from finished runs in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pwff", description="pwff: personalized wireless federated fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _reproduce_parser(sub)
+    sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.rewards)", add_help=False)
+    return parser
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from pwff_app import reproduce
+
+    profile = "quick" if args.quick else "full"
+    out = args.out or Path("pwff-reproduce") / f"pftt-{profile}"
+    if args.seeds < 1:
+        print("pwff: --seeds must be at least 1", file=sys.stderr)
+        return 2
+    seeds = list(range(args.seed_base, args.seed_base + args.seeds))
+    if args.aggregate_only:
+        names = {reproduce.run_name(m, s) for m in args.methods for s in seeds}
+        rows = reproduce.aggregate_runs([d for d in reproduce.find_run_dirs(out) if d.name in names],
+                                        method_order=args.methods)
+        if not rows:
+            print(f"pwff: no finished runs under {out}/runs", file=sys.stderr)
+            return 1
+        files = reproduce.write_outputs(out, rows, header=f"Profile `{profile}`, seeds {seeds}.")
+        print(reproduce.markdown_table(rows))
+        print("\n".join(str(p) for p in files))
+        return 0
+    result = reproduce.reproduce_pftt(out, profile=profile, seeds=seeds, methods=args.methods,
+                                      app_dir=args.app, data_dir=args.data_dir)
+    return 1 if result.failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-rewards":
+        from pwff_app import rewards  # lazy: torch and friends load only for this command
+
+        rc = rewards.main(argv[1:])
+        return int(rc or 0)
+    args = build_parser().parse_args(argv)
+    if args.command == "reproduce" and args.figure == "pftt":
+        return _cmd_reproduce(args)
+    return 2  # pragma: no cover (argparse requires a known command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,643 @@
+"""PFIT in Flower (paper IV-C): federated PPO on the last two blocks with personalised rewards.
+
+One module holds the client handlers, the server loop and the strategy for the ``instruct``
+method family (``pfit``, ``pfl``, ``sfl``, ``shepherd``):
+
+* **Client train** (:func:`handle_pfit_train`): load the received global trainable part
+  (dense), rebuild this client's sparse update masks from it, restore the private value head,
+  run ``instruct.ppo-steps`` PPO steps on this client's Alpaca prompts with the score
+  ``w_help * R_help + w_safe * R_safe`` and the proximal term toward the global, reply with the
+  packed upload (masked attention values + dense rest). The post-training weights are the
+  client's *personalised local model*; they stay in the private state, beside the value head.
+* **Client evaluate** (:func:`handle_pfit_evaluate`): the personalised local model of the round
+  on a fixed held-out prompt set (disjoint from training prompts), seeded sampling, scored by
+  both reward models; reports helpfulness, safety, the client's combined reward and the KL to
+  the pretrained reference.
+* **Server** (:func:`run_pfit`): ensures the reward models exist (trains them once, timed),
+  starts a partial-aggregation strategy whose reply checks understand sparse uploads and whose
+  FedAvg is :func:`pwff_app.sparse_attention.aggregate_sparse`, and returns the summary block.
+
+Communication: downlink = the dense global trainable part; uplink = packed sparse (the masks
+cost 0 bytes: the server rebuilds them from the global it sent, the client's s and seed).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
+
+from pwff_app.config import ConfigError, RunConfig, resolve_data_dir
+from pwff_app.policy import (
+    PolicyWithValue,
+    freeze_all_but_last_blocks,
+    frozen_copy,
+    load_policy,
+    load_trainable_state,
+    trainable_state,
+)
+from pwff_app.ppo import (
+    PPOConfig,
+    format_prompt,
+    generate_rollouts,
+    load_alpaca,
+    logprobs_and_values,
+    make_optimizer,
+    ppo_step,
+    reference_logprobs,
+    sequence_kl,
+)
+from pwff_app.results import RunRecorder
+from pwff_app.sparse_attention import (
+    MASK_RULES,
+    aggregate_sparse,
+    attention_pair_counts,
+    build_attention_masks,
+    enable_sparse_attention,
+    pack_sparse,
+    unpack_sparse,
+    upload_bytes,
+)
+from pwff_app.state import PrivateStore
+from pwff_app.strategies.partial import AGGREGATORS, _PartialMixin, reply_problem
+
+N_BLOCKS = 2  # paper: "we only train the last two layers"
+_VALUE_PREFIX, _LOCAL_PREFIX = "value_head.", "local/"
+MAX_PROMPT_CHARS = 400  # Alpaca records whose instruction + input is longer are dropped
+
+
+# ---------------------------------------------------------------- config
+
+
+def _get(rc: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = rc.get(key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"run config: '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _parse_weights(text: str) -> tuple[tuple[float, float], ...]:
+    key = "instruct.reward-weights"
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            pair = tuple(float(p) for p in parts)
+        except ValueError:
+            pair = ()
+        if len(pair) != 2 or min(pair) < 0 or sum(pair) <= 0:
+            raise ConfigError(f"run config: '{key}' must be a comma list of 'w_help:w_safe' pairs of "
+                              f"non-negative numbers (not both 0), got {item!r}")
+        out.append(pair)
+    if not out:
+        raise ConfigError(f"run config: '{key}' must list at least one 'w_help:w_safe' pair")
+    return tuple(out)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class InstructConfig:
+    """The ``instruct.*`` run-config keys (PFIT and its contenders). Defaults fit 4 clients on 2 cores."""
+
+    num_rounds: int = 3
+    policy_name: str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
+    max_new_tokens: int = 24
+    prompts_per_round: int = 16  # per client, split over ppo_steps rollout batches
+    ppo_steps: int = 2  # per round
+    ppo_epochs: int = 2  # PPO epochs per rollout batch (PPOConfig's 4 halves the cost of a round)
+    eval_prompts: int = 8  # fixed held-out prompts per client
+    sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
+    mask_rule: str = "magnitude"
+    reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8), (0.5, 0.5), (0.8, 0.2))
+    reward_models: str = "both"  # both | helpfulness
+    mu: float = 0.01
+    lr: float = 1e-5
+    kl_coef: float = 0.05
+    lora_rank: int = 8  # LoRA rank when the method uses LoRA (shepherd)
+    use_lora: bool = False  # set by the method: LoRA on the trainable blocks' attention, blocks frozen
+    eval_seed: int = 1234
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> InstructConfig:
+        d = cls()
+        sparsity_text = _get(rc, "instruct.sparsity", str, "0.4")
+        try:
+            sparsity = tuple(float(x) for x in sparsity_text.split(",") if x.strip())
+        except ValueError:
+            sparsity = ()
+        if not sparsity or any(not 0.0 <= s < 1.0 for s in sparsity):
+            raise ConfigError(f"run config: 'instruct.sparsity' must be a comma list of numbers in [0, 1), "
+                              f"got {sparsity_text!r}")
+        cfg = cls(
+            num_rounds=_get(rc, "instruct.num-rounds", int, d.num_rounds),
+            policy_name=_get(rc, "instruct.policy-name", str, d.policy_name),
+            max_new_tokens=_get(rc, "instruct.max-new-tokens", int, d.max_new_tokens),
+            prompts_per_round=_get(rc, "instruct.prompts-per-round", int, d.prompts_per_round),
+            ppo_steps=_get(rc, "instruct.ppo-steps", int, d.ppo_steps),
+            ppo_epochs=_get(rc, "instruct.ppo-epochs", int, d.ppo_epochs),
+            eval_prompts=_get(rc, "instruct.eval-prompts", int, d.eval_prompts),
+            sparsity=sparsity,
+            mask_rule=_get(rc, "instruct.mask-rule", str, d.mask_rule),
+            reward_weights=_parse_weights(_get(rc, "instruct.reward-weights", str, "0.8:0.2,0.2:0.8,0.5:0.5,0.8:0.2")),
+            reward_models=_get(rc, "instruct.reward-models", str, d.reward_models),
+            mu=_get(rc, "instruct.mu", float, d.mu),
+            lr=_get(rc, "instruct.lr", float, d.lr),
+            kl_coef=_get(rc, "instruct.kl-coef", float, d.kl_coef),
+            lora_rank=_get(rc, "instruct.lora-rank", int, 8),
+        )
+        for key, value in [("instruct.num-rounds", cfg.num_rounds), ("instruct.max-new-tokens", cfg.max_new_tokens),
+                           ("instruct.prompts-per-round", cfg.prompts_per_round),
+                           ("instruct.ppo-steps", cfg.ppo_steps), ("instruct.ppo-epochs", cfg.ppo_epochs),
+                           ("instruct.eval-prompts", cfg.eval_prompts), ("instruct.lr", cfg.lr),
+                           ("instruct.lora-rank", cfg.lora_rank)]:
+            if value <= 0:
+                raise ConfigError(f"run config: '{key}' must be > 0, got {value!r}")
+        for key, value in [("instruct.mu", cfg.mu), ("instruct.kl-coef", cfg.kl_coef)]:
+            if value < 0:
+                raise ConfigError(f"run config: '{key}' must be >= 0, got {value!r}")
+        if cfg.prompts_per_round < cfg.ppo_steps:
+            raise ConfigError(f"run config: 'instruct.prompts-per-round' ({cfg.prompts_per_round}) must be >= "
+                              f"'instruct.ppo-steps' ({cfg.ppo_steps})")
+        if cfg.mask_rule not in MASK_RULES:
+            raise ConfigError(f"run config: 'instruct.mask-rule' must be one of {list(MASK_RULES)}, got {cfg.mask_rule!r}")
+        if cfg.reward_models not in ("both", "helpfulness"):
+            raise ConfigError(f"run config: 'instruct.reward-models' must be 'both' or 'helpfulness', "
+                              f"got {cfg.reward_models!r}")
+        return cfg
+
+    def for_method(self, method: str) -> InstructConfig:
+        """The settings a method actually uses (its row in :data:`METHOD_OVERRIDES`)."""
+        if method not in METHOD_OVERRIDES:
+            raise ConfigError(f"run config: 'method' {method!r} is not an instruct method ({sorted(METHOD_OVERRIDES)})")
+        return replace(self, **METHOD_OVERRIDES[method])
+
+    @property
+    def bundle_lora_rank(self) -> int:
+        return self.lora_rank if self.use_lora else 0
+
+    @property
+    def batch_size(self) -> int:
+        return math.ceil(self.prompts_per_round / self.ppo_steps)
+
+    def client_sparsity(self, client_id: int) -> float:
+        return self.sparsity[client_id % len(self.sparsity)]
+
+    def client_weights(self, client_id: int) -> tuple[float, float]:
+        """(w_help, w_safe) of a client; with only the helpfulness model, (1, 0)."""
+        if self.reward_models == "helpfulness":
+            return (1.0, 0.0)
+        return self.reward_weights[client_id % len(self.reward_weights)]
+
+    def ppo_config(self) -> PPOConfig:
+        b = self.batch_size
+        return PPOConfig(lr=self.lr, batch_size=b, mini_batch_size=min(4, b), ppo_epochs=self.ppo_epochs,
+                         kl_coef=self.kl_coef, mu=self.mu, max_new_tokens=self.max_new_tokens)
+
+
+# What each instruct method changes from the instruct.* settings (paper V-B, Fig. 4).
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "pfit": {},  # personalised weights, both reward models, sparse attention instruct.sparsity, mu
+    "pfl": {"sparsity": (0.0,)},  # paper's PFL: the same without sparse attention
+    "sfl": {"sparsity": (0.2,), "reward_models": "helpfulness"},  # one reward model, 20 % sparse
+    # Shepherd (Zhang et al. 2023): LoRA, FedAvg of LoRA, no personalisation, no proximal term.
+    "shepherd": {"sparsity": (0.0,), "reward_weights": ((0.5, 0.5),), "mu": 0.0, "use_lora": True},
+}
+
+
+# ---------------------------------------------------------------- policy and rewards, cached per process
+
+
+@dataclass
+class _Bundle:
+    lm: Any
+    tokenizer: Any
+    ref: Any
+    policy: PolicyWithValue
+    blocks: list[str]
+
+
+_BUNDLES: dict[tuple[str, int], _Bundle] = {}
+_REWARDS: dict[str, Any] = {}
+
+
+def load_base_policy(name: str) -> tuple[Any, Any]:
+    """Load the LM and tokenizer (tests monkeypatch this to the tiny Llama)."""
+    return load_policy(name)
+
+
+def _lora_targets(lm, blocks: Sequence[str]) -> list[str]:
+    names = []
+    for b in blocks:
+        for n, m in lm.named_modules():
+            if n.startswith(b + ".") and isinstance(m, torch.nn.Linear) and re.search(
+                    r"\.(self_attn|attn)\.(q_proj|k_proj|v_proj|o_proj)$", n):
+                names.append(n)
+    return names
+
+
+def get_bundle(policy_name: str, lora_rank: int = 0) -> _Bundle:
+    """The cached (policy, reference, tokenizer) of this process; trainable state is overwritten per call."""
+    key = (policy_name, lora_rank)
+    if key not in _BUNDLES:
+        lm, tok = load_base_policy(policy_name)
+        blocks = freeze_all_but_last_blocks(lm, N_BLOCKS)
+        enable_sparse_attention(lm, blocks, 0.0)
+        ref = frozen_copy(lm)  # the pretrained policy, before any LoRA
+        if lora_rank > 0:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            torch.manual_seed(0)  # same LoRA init on every client and the server
+            targets = _lora_targets(lm, blocks)
+            config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+            lm = inject_adapter_in_model(config, lm)
+            for n, p in lm.named_parameters():
+                p.requires_grad_(".lora_" in n)
+        torch.manual_seed(0)
+        _BUNDLES[key] = _Bundle(lm, tok, ref, PolicyWithValue(lm), blocks)
+    return _BUNDLES[key]
+
+
+def load_rewards(data_dir: Path | None) -> Any:
+    """The helpfulness + safety reward models (``score(prompts, responses) -> {name: Tensor}``), cached.
+
+    Tests monkeypatch this with a stub scorer.
+    """
+    key = str(data_dir)
+    if key not in _REWARDS:
+        from pwff_app.rewards import default_cache_dir, load_or_train_reward_models
+
+        if data_dir is None:
+            raise ConfigError("PFIT needs a data folder with hh-rlhf/ and alpaca/: set 'data-dir' or PWFF_DATA_DIR")
+        _REWARDS[key] = load_or_train_reward_models(data_dir, default_cache_dir())
+    return _REWARDS[key]
+
+
+# ---------------------------------------------------------------- data
+
+
+def _raw_prompt(record: Mapping[str, str]) -> str:
+    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+
+
+def client_prompts(data_dir: Path | None, client_id: int, num_clients: int, seed: int,
+                   n_eval: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out eval) Alpaca records of a client: a seeded shuffle of the short records,
+    cut into ``num_clients`` disjoint shares; the first ``n_eval`` of a share are its eval set."""
+    records = [r for r in load_alpaca(data_dir) if len(_raw_prompt(r)) <= MAX_PROMPT_CHARS]
+    random.Random(seed).shuffle(records)
+    share = records[client_id::num_clients]
+    if len(share) <= n_eval:
+        raise ValueError(f"client {client_id}: only {len(share)} Alpaca prompts, {n_eval} needed for evaluation")
+    return share[n_eval:], share[:n_eval]
+
+
+def _round_prompts(train: list[dict], server_round: int, n: int) -> list[dict]:
+    start = (server_round - 1) * n
+    return [train[(start + i) % len(train)] for i in range(n)]
+
+
+# ---------------------------------------------------------------- client
+
+
+def global_fingerprint(arrays: Mapping[str, np.ndarray]) -> int:
+    """CRC32 over the global trainable part (sorted keys): tells the server which global a client used."""
+    crc = 0
+    for k in sorted(arrays):
+        crc = zlib.crc32(np.ascontiguousarray(arrays[k]).view(np.uint8), crc)
+    return crc
+
+
+def mask_seed(seed: int, client_id: int, server_round: int) -> int:
+    return seed * 1_000_003 + client_id * 1009 + server_round
+
+
+def _ids(msg: Message, context: Context) -> tuple[int, int, int]:
+    return (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]),
+            int(msg.content["config"]["server-round"]))
+
+
+def _score(rewards: Any, cfg: InstructConfig, client_id: int, raw: list[str],
+           responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    parts = rewards.score(raw, responses)
+    w_help, w_safe = cfg.client_weights(client_id)
+    combined = w_help * parts["helpfulness"].float()
+    if cfg.reward_models == "both":
+        combined = combined + w_safe * parts["safety"].float()
+    return combined, parts
+
+
+def _restore_value_head(policy: PolicyWithValue, private: Mapping[str, np.ndarray] | None) -> None:
+    with torch.no_grad():
+        if private is None:
+            policy.value_head.weight.zero_()
+            policy.value_head.bias.zero_()
+            return
+        for n, p in policy.value_head.named_parameters():
+            p.copy_(torch.from_numpy(np.asarray(private[_VALUE_PREFIX + n])).reshape(p.shape))
+
+
+def _check_global(incoming: Mapping[str, np.ndarray], bundle: _Bundle, method: str) -> None:
+    expected = set(trainable_state(bundle.lm))
+    if set(incoming) != expected:
+        raise ValueError(f"global arrays do not match the trainable part of '{method}' "
+                         f"({len(incoming)} keys, expected {len(expected)})")
+
+
+def handle_pfit_train(msg: Message, context: Context) -> Message:
+    """One PFIT round on a client (see the module docstring)."""
+    started = time.perf_counter()
+    rc = context.run_config
+    method, seed = str(rc["method"]), int(rc.get("seed", 0))
+    cfg = InstructConfig.from_run_config(rc).for_method(method)
+    client_id, num_clients, server_round = _ids(msg, context)
+    data_dir = resolve_data_dir(str(rc.get("data-dir", "")))
+    bundle = get_bundle(cfg.policy_name, cfg.bundle_lora_rank)
+    lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
+
+    incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    _check_global(incoming, bundle, method)
+    global_params = {k: torch.from_numpy(np.array(v)) for k, v in incoming.items()}
+    load_trainable_state(lm, global_params)
+    s = cfg.client_sparsity(client_id)
+    enable_sparse_attention(lm, bundle.blocks, s)
+    enable_sparse_attention(bundle.ref, bundle.blocks, s)
+    m_seed = mask_seed(seed, client_id, server_round)
+    masks = {} if cfg.use_lora else build_attention_masks(global_params, bundle.blocks, s, cfg.mask_rule, m_seed)
+    policy.set_update_masks(masks)
+    store = PrivateStore(context, client_id)
+    _restore_value_head(policy, store.load(upto_round=server_round - 1))
+
+    ppo = cfg.ppo_config()
+    optimizer = make_optimizer(policy, ppo)  # fresh each round (see make_optimizer)
+    train, _ = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    records = _round_prompts(train, server_round, cfg.prompts_per_round)
+    rewards = load_rewards(data_dir)
+    torch.manual_seed(mask_seed(seed, client_id, server_round) + 17)
+    attention_pair_counts(lm)  # reset the counters
+    totals: dict[str, float] = {}
+    for step in range(cfg.ppo_steps):
+        chunk = records[step * ppo.batch_size:(step + 1) * ppo.batch_size]
+        if not chunk:
+            break
+        prompts = [format_prompt(r["instruction"], r["input"], tok) for r in chunk]
+        batch = generate_rollouts(policy, tok, prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k)
+        scores, parts = _score(rewards, cfg, client_id, [_raw_prompt(r) for r in chunk], batch.responses)
+        stats = ppo_step(policy, bundle.ref, batch, scores, ppo, optimizer, global_params)
+        stats["help"] = float(parts["helpfulness"].mean())
+        stats["safe"] = float(parts["safety"].mean()) if "safety" in parts else 0.0
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v / cfg.ppo_steps
+    attended, visible = attention_pair_counts(lm)
+    head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+
+    local = trainable_state(lm)
+    private = {_VALUE_PREFIX + n: p.detach().numpy().copy() for n, p in policy.value_head.named_parameters()}
+    private.update({_LOCAL_PREFIX + n: v.numpy() for n, v in local.items()})
+    store.save(private, server_round)
+    packed = pack_sparse(local, masks)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packed.items()}),
+        "metrics": MetricRecord({
+            "num-examples": len(records),
+            "reward-train": totals.get("reward/score_mean", 0.0),
+            "help-train": totals.get("help", 0.0),
+            "safe-train": totals.get("safe", 0.0),
+            "kl": totals.get("objective/kl", 0.0),
+            "reg-reward": totals.get("reg/reward", 0.0),
+            "sparsity": s,
+            "mask-seed": m_seed,
+            "global-crc": global_fingerprint(incoming),
+            "attention-flops": 4 * head_dim * attended,
+            "attention-flops-dense": 4 * head_dim * visible,
+            "upload-bytes": upload_bytes(packed),
+        }),
+        "info": ConfigRecord({"client-id": client_id, "server-round": server_round,
+                              "compute-s": time.perf_counter() - started,
+                              "private-params": sum(p.numel() for p in policy.value_head.parameters())}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
+    """Held-out rewards of this client's personalised local model after the round."""
+    rc = context.run_config
+    method, seed = str(rc["method"]), int(rc.get("seed", 0))
+    cfg = InstructConfig.from_run_config(rc).for_method(method)
+    client_id, num_clients, server_round = _ids(msg, context)
+    data_dir = resolve_data_dir(str(rc.get("data-dir", "")))
+    bundle = get_bundle(cfg.policy_name, cfg.bundle_lora_rank)
+    lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
+
+    private = PrivateStore(context, client_id).load(upto_round=server_round)
+    local = {k[len(_LOCAL_PREFIX):]: v for k, v in (private or {}).items() if k.startswith(_LOCAL_PREFIX)}
+    if not local:  # no training yet on this client: the global it was sent
+        local = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    _check_global(local, bundle, method)
+    load_trainable_state(lm, {k: torch.from_numpy(np.array(v)) for k, v in local.items()})
+    s = cfg.client_sparsity(client_id)
+    enable_sparse_attention(lm, bundle.blocks, s)
+    enable_sparse_attention(bundle.ref, bundle.blocks, s)
+
+    _, held_out = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    prompts = [format_prompt(r["instruction"], r["input"], tok) for r in held_out]
+    torch.manual_seed(cfg.eval_seed + client_id)  # same sampling noise every round
+    batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens)
+    with torch.no_grad():
+        logp, _ = logprobs_and_values(policy, batch)
+        logp_ref = reference_logprobs(bundle.ref, batch)
+    kl = float(sequence_kl(logp, logp_ref, batch.response_mask.float()).mean())
+    parts = load_rewards(data_dir).score([_raw_prompt(r) for r in held_out], batch.responses)
+    w_help, w_safe = cfg.client_weights(client_id)
+    help_, safe = float(parts["helpfulness"].mean()), float(parts["safety"].mean())
+    combined = w_help * help_ + (w_safe * safe if cfg.reward_models == "both" else 0.0)
+    content = RecordDict({
+        "metrics": MetricRecord({"num-examples": len(held_out), "helpfulness": help_, "safety": safe,
+                                 "combined": combined, "kl": kl}),
+        "info": ConfigRecord({"client-id": client_id, "server-round": server_round}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+# ---------------------------------------------------------------- server
+
+
+class _SparseAggregation:
+    """Sits between the partial mixin and Flower's rule: turns accepted sparse replies dense first.
+
+    For ``fedavg`` the arrays are :func:`aggregate_sparse` (each entry averaged over the clients
+    that updated it); for median / trimmed mean, Flower's rule over the dense reconstructions
+    (an entry a client froze counts at the global value).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)  # the replies the checks accepted
+        decoded = [self._decoded[id(msg.content)] for msg in replies]
+        for msg, (dense, _, _) in zip(replies, decoded):
+            metrics = next(iter(msg.content.metric_records.values()))
+            msg.content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v.numpy()) for k, v in dense.items()}),
+                                      "metrics": metrics})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.sparse_fedavg and replies:
+            glob = {k: torch.from_numpy(v.numpy()) for k, v in self._global.items()}
+            uploads = [pack_sparse(dense, masks) for dense, masks, _ in decoded]
+            out = aggregate_sparse(glob, uploads, [m for _, m, _ in decoded], [w for _, _, w in decoded])
+            arrays = ArrayRecord({k: Array(v.numpy()) for k, v in out.items()})
+        return arrays, metrics
+
+
+class _PfitChecks:
+    """Reply checks for packed sparse uploads, and the per-client PFIT records."""
+
+    def __init__(self, *, block_names: Sequence[str], mask_rule: str, sparse_fedavg: bool, lora: bool,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.block_names, self.mask_rule, self.sparse_fedavg, self.lora = list(block_names), mask_rule, sparse_fedavg, lora
+        self._decoded: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]] = {}
+        self._mask_cache: dict[tuple[float, int], dict[str, torch.Tensor]] = {}
+        self._global_crc: int | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._decoded, self._mask_cache = {}, {}
+        self._global_crc = global_fingerprint({k: v.numpy() for k, v in arrays.items()})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _problem(self, content, server_round: int) -> str | None:
+        arrays = content.array_records.get(self.arrayrecord_key)
+        if arrays is None or len(content.array_records) != 1:
+            return f"expected one ArrayRecord '{self.arrayrecord_key}', got {sorted(content.array_records)}"
+        if len(content.metric_records) != 1 or self.weighted_by_key not in next(iter(content.metric_records.values())):
+            return f"expected one MetricRecord with '{self.weighted_by_key}'"
+        metrics = next(iter(content.metric_records.values()))
+        info = content.get("info", ConfigRecord())
+        if int(info.get("server-round", server_round)) != server_round:
+            return f"reply for round {info.get('server-round')} in round {server_round}"
+        try:
+            s, m_seed = float(metrics["sparsity"]), int(metrics["mask-seed"])
+        except (KeyError, TypeError, ValueError):
+            return "metrics lack 'sparsity' / 'mask-seed' (needed to rebuild the update mask)"
+        if not 0.0 <= s < 1.0:
+            return f"sparsity {s} outside [0, 1)"
+        if self.mask_rule == "magnitude" and not self.lora and int(metrics.get("global-crc", -1)) != self._global_crc:
+            return "trained from another global than this round's (magnitude masks would not match)"
+        glob = {k: torch.from_numpy(v.numpy()) for k, v in self._global.items()}
+        if self.lora:
+            masks = {}
+        else:
+            key = (s, m_seed if self.mask_rule == "random" else 0)
+            if key not in self._mask_cache:
+                self._mask_cache[key] = build_attention_masks(glob, self.block_names, s, self.mask_rule, m_seed)
+            masks = self._mask_cache[key]
+        if set(arrays.keys()) != set(glob):
+            extra, missing = sorted(set(arrays.keys()) - set(glob)), sorted(set(glob) - set(arrays.keys()))
+            return f"keys differ from the trainable set (unexpected {extra[:3]}, missing {missing[:3]})"
+        for k, ref in self._global.items():
+            want = (int(masks[k].sum()),) if k in masks else tuple(ref.shape)
+            got = arrays[k]
+            if tuple(got.shape) != want or got.dtype != ref.dtype:
+                return f"{k}: {got.dtype}{list(got.shape)} != expected {ref.dtype}{list(want)} at s={s}"
+        dense = unpack_sparse({k: v.numpy() for k, v in arrays.items()}, masks, glob)
+        problem = reply_problem(ArrayRecord({k: Array(v.numpy()) for k, v in dense.items()}), self._global,
+                                self.max_update_norm)
+        if problem is not None:
+            return problem
+        self._decoded[id(content)] = (dense, masks, float(metrics[self.weighted_by_key]))
+        cid = int(info.get("client-id", -1))
+        self.recorder.client(cid, sparsity=s, reward_train=metrics.get("reward-train"), kl_train=metrics.get("kl"),
+                             reg_reward=metrics.get("reg-reward"), help_train=metrics.get("help-train"),
+                             safe_train=metrics.get("safe-train"),
+                             attention_flops=int(metrics.get("attention-flops", 0)),
+                             attention_flops_dense=int(metrics.get("attention-flops-dense", 0)),
+                             compute_s=float(info.get("compute-s", 0.0)))
+        return None
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            info = msg.content.get("info", ConfigRecord())
+            metrics = next(iter(msg.content.metric_records.values()))
+            if "combined" in metrics:
+                self.recorder.client(int(info.get("client-id", -1)), reward=float(metrics["combined"]))
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, block_names: Sequence[str],
+                  **kwargs) -> _PartialMixin:
+    """AGGREGATORS[cfg.aggregator] with sparse-aware reply checks and aggregation."""
+    partial = AGGREGATORS[cfg.aggregator]
+    flower_base = next(c for c in partial.__mro__ if c.__module__.startswith("flwr."))
+    inner = type(f"_Sparse{flower_base.__name__}", (_SparseAggregation, flower_base), {})
+    cls = type(f"Pfit{partial.__name__}", (_PfitChecks, _PartialMixin, inner), {})
+    extra = {"beta": cfg.trim_fraction} if cfg.aggregator == "trimmed-mean" else {}
+    return cls(block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=cfg.aggregator == "fedavg",
+               lora=icfg.use_lora, recorder=recorder, min_survivors=cfg.min_survivors,
+               max_update_norm=cfg.max_update_norm, **extra, **kwargs)
+
+
+def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
+    last: dict[str, dict[str, float]] = {}
+    for r in recorder.rounds:
+        for cid, c in r["clients"].items():
+            if "combined" in c:
+                last[cid] = {k: float(c[k]) for k in ("helpfulness", "safety", "combined", "kl") if k in c}
+    last = dict(sorted(last.items(), key=lambda kv: int(kv[0])))
+    mean = float(np.mean([v["combined"] for v in last.values()])) if last else None
+    return {"per_client": last, "mean": mean}
+
+
+def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> dict[str, Any]:
+    """Run an instruct-family method; returns the summary block for ``recorder.finish``."""
+    rc = context.run_config
+    icfg = InstructConfig.from_run_config(rc).for_method(cfg.method)
+    t0 = time.perf_counter()
+    load_rewards(cfg.data_dir)  # train once here, not in every client at the same time
+    reward_s = time.perf_counter() - t0
+    print(f"[pwff] reward models ready in {reward_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    bundle = get_bundle(icfg.policy_name, icfg.bundle_lora_rank)
+    initial_state = trainable_state(bundle.lm)
+    print(f"[pwff] policy ready in {time.perf_counter() - t0:.1f} s "
+          f"({sum(v.numel() for v in initial_state.values()):,} trainable params shared)", flush=True)
+    initial = ArrayRecord({k: Array(v.numpy()) for k, v in initial_state.items()})
+    strategy = make_strategy(
+        cfg, icfg, recorder, bundle.blocks,
+        checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
+        min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
+    )
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=icfg.num_rounds)
+
+    private: dict[str, int] = {}
+    for record in recorder.rounds:
+        for cid, c in record["clients"].items():
+            if "private_params" in c:
+                private[cid] = c["private_params"]
+    return {
+        "num_clients": cfg.num_clients,
+        "reward": _reward_block(recorder),
+        "params": {"shared": sum(v.numel() for v in initial_state.values()), "private": private},
+        "sparsity": {"per_client": {str(c): icfg.client_sparsity(c) for c in range(cfg.num_clients)},
+                     "mask_rule": icfg.mask_rule, "uplink": "sparse (masked attention values + dense rest)",
+                     "downlink": "dense"},
+        "reward_weights": {str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)},
+        "reward_models_s": round(reward_s, 3),
+        "aggregator": cfg.aggregator,
+        "instruct": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(icfg).items()},
+    }

@@ -1,0 +1,111 @@
+"""PNG plots of a reproduction (matplotlib, Agg backend: no display needed).
+
+Each function takes the rows of :func:`pwff_app.reproduce.aggregate_runs` and a path, and
+returns the path it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+_COLORS = {"pftt": "#d62728", "vanilla-fl": "#1f77b4", "fedlora": "#2ca02c", "fedbert": "#9467bd",
+           "local": "#7f7f7f", "fedavg-full": "#ff7f0e"}
+
+
+def _color(method: str, i: int) -> str:
+    return _COLORS.get(method, f"C{i % 10}")
+
+
+def _subtitle(rows: Sequence[dict[str, Any]]) -> str:
+    seeds = sorted({r["n_seeds"] for r in rows}) or [0]
+    n = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    return f"mean ± std over {n} seed{'s' if seeds[-1] != 1 else ''}"
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as in the table)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Personalized accuracy (mean over clients) by round, one line + band per method."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate(rows):
+        curve = [(r, m, s) for r, m, s, _n in row["curve"] if m is not None]
+        if not curve:
+            continue
+        x = [c[0] for c in curve]
+        m = [c[1] for c in curve]
+        s = [c[2] or 0.0 for c in curve]
+        color = _color(row["method"], i)
+        ax.plot(x, m, marker="o", ms=3, lw=2.2 if row["method"] == "pftt" else 1.4, color=color,
+                label=row["method"])
+        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("personalized accuracy (mean over clients)")
+    ax.set_title(f"Accuracy vs round ({_subtitle(rows)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _bar(rows: Sequence[dict[str, Any]], key: str, path: Path, ylabel: str, title: str, log: bool,
+         fmt: Callable[[float], str]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [r["method"] for r in rows]
+    means = [r.get(f"{key}_mean") for r in rows]
+    stds = [r.get(f"{key}_std") or 0.0 for r in rows]
+    heights = [m if m else 0.0 for m in means]
+    bars = ax.bar(names, heights, yerr=[s if m else 0.0 for s, m in zip(stds, means)], capsize=4,
+                  color=[_color(n, i) for i, n in enumerate(names)])
+    positive = [h for h in heights if h > 0]
+    if log and positive:
+        ax.set_yscale("log")
+        ax.set_ylim(min(positive) / 3, max(positive) * 5)
+    for bar, m, s in zip(bars, means, stds):
+        label = "n/a" if m is None else ("0 (nothing sent)" if m == 0 else fmt(m))
+        y = bar.get_height() + s if bar.get_height() > 0 else (min(positive) / 2 if log and positive else 0)
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} ({_subtitle(rows)})")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_uplink_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Uplink bytes per round (all clients), bar per method, log scale."""
+    return _bar(rows, "uplink_bytes_per_round", path, "uplink bytes / round (4 clients, log)",
+                "Uplink payload per round", log=True, fmt=human_bytes)
+
+
+def plot_uplink_delay(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Ergodic uplink delay per round (s), bar per method, log scale."""
+    return _bar(rows, "ergodic_uplink_delay_s", path, "uplink delay / round, ergodic (s, log)",
+                "Uplink delay per round, 5 dB Rayleigh", log=True, fmt=lambda v: f"{v:.3g} s")
+
+
+def plot_all(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [plot_accuracy(rows, out_dir / "accuracy_vs_round.png"),
+            plot_uplink_bytes(rows, out_dir / "uplink_bytes_per_round.png"),
+            plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png")]

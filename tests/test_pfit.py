@@ -1,0 +1,193 @@
+"""PFIT through the real strategy and the in-process grid, on the tiny Llama with stub rewards."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
+
+from pwff_app import pfit
+from pwff_app.config import ConfigError, RunConfig, app_defaults
+from pwff_app.methods import METHODS, _spec
+from pwff_app.policy import is_attention_param, tiny_llama, tiny_tokenizer
+from pwff_app.results import RunRecorder
+from pwff_app.sparse_attention import keep_count
+from tests.inprocess import InProcessGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_ROWS = [
+    _spec("pfit", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg", "PFIT"),
+    _spec("pfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg", "PFL"),
+    _spec("sfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg", "SFL"),
+    _spec("shepherd", "instruct", {"lora"}, {"lora", "head"}, {"lora"}, False, "fedavg", "Shepherd"),
+]
+
+
+class StubRewards:
+    """helpfulness = response length / 10, safety = -(number of 'e') : cheap, deterministic."""
+
+    def score(self, prompts, responses):
+        assert len(prompts) == len(responses)
+        return {"helpfulness": torch.tensor([len(r) / 10 for r in responses], dtype=torch.float32),
+                "safety": torch.tensor([-float(r.count("e")) for r in responses], dtype=torch.float32)}
+
+
+@pytest.fixture()
+def tiny_pfit(monkeypatch, tmp_path):
+    for row in _ROWS:
+        if row.name not in METHODS:
+            monkeypatch.setitem(METHODS, row.name, row)
+    monkeypatch.setattr(pfit, "load_base_policy", lambda name: (tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr(pfit, "load_rewards", lambda data_dir: StubRewards())
+    monkeypatch.setattr(pfit, "_BUNDLES", {})
+    rng = random.Random(0)
+    words = "tell me about the sun write a poem list three fruits explain why sky blue".split()
+    records = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) + f" #{i}",
+                "input": "", "output": "ok"} for i in range(200)]
+    (tmp_path / "data" / "alpaca").mkdir(parents=True)
+    (tmp_path / "data" / "alpaca" / "alpaca_5000.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def _rc(tmp_path: Path, method: str, run_name: str, **instruct) -> dict:
+    rc = app_defaults(ROOT)
+    rc.update({"method": method, "num-clients": 2, "results-dir": str(tmp_path / "res"), "run-name": run_name,
+               "data-dir": str(tmp_path / "data"), "wireless.enabled": False,
+               "instruct.num-rounds": 2, "instruct.max-new-tokens": 8, "instruct.prompts-per-round": 4,
+               "instruct.ppo-steps": 1, "instruct.ppo-epochs": 1, "instruct.eval-prompts": 4,
+               "instruct.lr": 1e-3})
+    rc.update({f"instruct.{k.replace('_', '-')}": v for k, v in instruct.items()})
+    return rc
+
+
+def _client_app() -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return pfit.handle_pfit_train(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return pfit.handle_pfit_evaluate(msg, context)
+
+    return app
+
+
+def _run(rc: dict) -> tuple[dict, list[dict], InProcessGrid]:
+    cfg = RunConfig.from_run_config(rc)
+    out = cfg.results_dir / cfg.run_name
+    recorder = RunRecorder(out, cfg.method, score_key="reward")
+    grid = InProcessGrid(rc, cfg.num_clients, app=_client_app())
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
+    recorder.finish(pfit.run_pfit(grid, cfg, ctx, recorder))
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return summary, rounds, grid
+
+
+def test_config_validation() -> None:
+    assert pfit.InstructConfig.from_run_config({}).sparsity == (0.4,)
+    cfg = pfit.InstructConfig.from_run_config({"instruct.sparsity": "0.4,0.2"})
+    assert [cfg.client_sparsity(c) for c in range(3)] == [0.4, 0.2, 0.4]
+    for key, bad in [("instruct.sparsity", "1.0"), ("instruct.sparsity", "-0.1"), ("instruct.mask-rule", "topk"),
+                     ("instruct.reward-weights", "0.5"), ("instruct.reward-weights", "a:b"),
+                     ("instruct.reward-models", "safety"), ("instruct.mu", -1.0), ("instruct.ppo-steps", 0),
+                     ("instruct.lr", "x")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            pfit.InstructConfig.from_run_config({key: bad})
+    assert pfit.InstructConfig().for_method("sfl").client_weights(1) == (1.0, 0.0)
+    assert pfit.InstructConfig().for_method("pfl").sparsity == (0.0,)
+
+
+def test_client_prompts_disjoint_and_deterministic(tiny_pfit) -> None:
+    data = tiny_pfit / "data"
+    shares = [pfit.client_prompts(data, c, 2, 42, 4) for c in range(2)]
+    assert pfit.client_prompts(data, 0, 2, 42, 4) == shares[0]
+    key = lambda rs: {r["instruction"] for r in rs}  # noqa: E731
+    (train0, eval0), (train1, eval1) = shares
+    assert len(eval0) == 4 and not key(eval0) & key(train0)
+    assert not (key(train0) | key(eval0)) & (key(train1) | key(eval1))
+    assert key(pfit._round_prompts(train0, 1, 4)) != key(pfit._round_prompts(train0, 2, 4))
+
+
+def test_pfit_two_rounds_records_rewards_and_bytes(tiny_pfit) -> None:
+    summary, rounds, grid = _run(_rc(tiny_pfit, "pfit", "s04", sparsity="0.4"))
+    assert len(rounds) == 2
+    for r in rounds:
+        assert set(r["clients"]) == {"0", "1"} and r["reward_mean"] is not None and not r["events"]
+        for c in r["clients"].values():
+            for key in ("helpfulness", "safety", "combined", "kl", "reward", "uplink_bytes", "attention_flops"):
+                assert key in c, key
+            assert c["sparsity"] == 0.4
+            assert c["attention_flops"] < c["attention_flops_dense"]
+    block = summary["reward"]
+    assert set(block["per_client"]) == {"0", "1"}
+    assert set(block["per_client"]["0"]) >= {"helpfulness", "safety", "combined"}
+    assert block["mean"] == pytest.approx(np.mean([v["combined"] for v in block["per_client"].values()]))
+    # weights 0.8:0.2 and 0.2:0.8 on the stub rewards
+    c0 = block["per_client"]["0"]
+    assert c0["combined"] == pytest.approx(0.8 * c0["helpfulness"] + 0.2 * c0["safety"], rel=1e-5)
+
+    # uplink bytes: dense minus s x (attention entries), per tensor rounding of keep_count
+    lm = tiny_llama()
+    blocks = ["model.layers.2", "model.layers.3"]
+    dense = sparse = 0
+    for n, p in lm.named_parameters():
+        if any(n.startswith(b + ".") for b in blocks):
+            dense += p.numel() * 4
+            sparse += (int(keep_count(p.numel(), 0.4)) if is_attention_param(n, blocks) else p.numel()) * 4
+    assert rounds[0]["clients"]["0"]["uplink_bytes"] == sparse < dense
+    summary0, rounds0, _ = _run(_rc(tiny_pfit, "pfl", "s0"))
+    assert rounds0[0]["clients"]["0"]["uplink_bytes"] == dense
+    assert rounds0[0]["clients"]["0"]["downlink_bytes"] == rounds[0]["clients"]["0"]["downlink_bytes"]
+
+    # frozen parameters untouched: the cached in-process policy's frozen part equals a fresh tiny Llama
+    bundle = pfit._BUNDLES[("", 0)]
+    fresh = dict(lm.named_parameters())
+    for n, p in bundle.lm.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, fresh[n]), n
+    # the global moved, and only the trainable blocks are in it
+    ckpt = summary["params"]["shared"]
+    assert ckpt == dense // 4
+
+
+def test_sparse_reply_with_wrong_count_is_rejected(tiny_pfit) -> None:
+    from flwr.app import Array, ArrayRecord
+
+    def tamper(cid, reply):
+        if cid == 1:
+            arrays = reply.content["arrays"]
+            key = next(k for k in arrays if "q_proj" in k)
+            arrays[key] = Array(np.zeros(3, dtype=np.float32))
+        return reply
+
+    rc = _rc(tiny_pfit, "pfit", "tamper")
+    cfg = RunConfig.from_run_config(rc)
+    recorder = RunRecorder(cfg.results_dir / cfg.run_name, cfg.method, score_key="reward")
+    grid = InProcessGrid(rc, 2, app=_client_app(), tamper=tamper)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
+    pfit.run_pfit(grid, cfg, ctx, recorder)
+    events = recorder.rounds[0]["events"]
+    assert [e["kind"] for e in events] == ["rejected"] and "q_proj" in events[0]["reason"]
+    assert set(recorder.rounds[0]["clients"]["1"]) >= {"combined"}  # evaluated nonetheless
+    del ArrayRecord
+
+
+def test_shepherd_lora_uplink_is_lora_only(tiny_pfit) -> None:
+    summary, rounds, _ = _run(_rc(tiny_pfit, "shepherd", "shep"))
+    assert not rounds[-1]["events"]
+    bundle = pfit._BUNDLES[("", 8)]
+    names = [n for n, p in bundle.lm.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names)
+    assert rounds[0]["clients"]["0"]["uplink_bytes"] == sum(
+        p.numel() * 4 for n, p in bundle.lm.named_parameters() if p.requires_grad)
+    assert summary["reward_weights"] == {"0": [0.5, 0.5], "1": [0.5, 0.5]}

@@ -1,0 +1,177 @@
+"""`pwff reproduce pftt`: aggregation, outputs, resume and CLI parsing (no `flwr run`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from pwff_app import cli, reproduce
+
+# method -> seed -> (final accuracy, uplink bytes/round, ergodic delay, total energy, per-round acc)
+FAKE = {
+    "pftt": {1: (0.80, 1000, 0.5, 6.0, [0.5, 0.7, 0.80]), 2: (0.90, 1000, 0.7, 9.0, [0.6, 0.8, 0.90])},
+    "fedlora": {1: (0.60, 300, 0.1, 3.0, [0.4, 0.5, 0.60]), 2: (0.70, 500, 0.3, 6.0, [0.4, 0.6, 0.70])},
+}
+
+
+def _fake_run(runs_dir: Path, method: str, seed: int, acc: float, up: int, delay: float, energy: float,
+              curve: list[float]) -> Path:
+    d = runs_dir / f"{method}-seed{seed}"
+    d.mkdir(parents=True)
+    summary = {
+        "method": method, "num_rounds": len(curve), "num_clients": 2,
+        "accuracy": {"mean": acc, "per_client": {"0": acc, "1": acc}},
+        "comm": {"uplink_bytes_per_round": {"per_client": {"0": up // 2, "1": up // 2}, "total": up},
+                 "downlink_bytes_per_round": {"per_client": {"0": up, "1": up}, "total": 2 * up}},
+        "wireless": {"rounds": len(curve), "ergodic_uplink_delay_s": delay, "mean_uplink_delay_s": 10 * delay,
+                     "median_uplink_delay_s": delay / 2, "total_energy_j": energy, "mean_round_latency_s": 1.0},
+        "config": {"seed": seed, "method": method},
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "rounds.jsonl").write_text("".join(
+        json.dumps({"round": i + 1, "accuracy_mean": a, "uplink_bytes": up, "downlink_bytes": 2 * up,
+                    "wireless": {"latency_s": 1.0, "mean_delay_up_s": delay, "energy_j": energy / len(curve)}}) + "\n"
+        for i, a in enumerate(curve)))
+    return d
+
+
+@pytest.fixture
+def fake_out(tmp_path: Path) -> Path:
+    for method, seeds in FAKE.items():
+        for seed, values in seeds.items():
+            _fake_run(tmp_path / "runs", method, seed, *values)
+    (tmp_path / "runs" / "pftt-seed3").mkdir()  # unfinished run: no summary.json, ignored
+    return tmp_path
+
+
+def test_aggregate_exact_means_and_stds(fake_out):
+    rows = reproduce.aggregate_runs(reproduce.find_run_dirs(fake_out))
+    assert [r["method"] for r in rows] == ["pftt", "fedlora"]  # ALL_METHODS order
+    pftt, fedlora = rows
+    assert pftt["n_seeds"] == 2 and pftt["seeds"] == [1, 2]
+    assert pftt["accuracy_mean"] == pytest.approx(0.85)
+    assert pftt["accuracy_std"] == pytest.approx(statistics.stdev([0.8, 0.9]))  # sample std, ~0.0707
+    assert pftt["uplink_bytes_per_round_mean"] == 1000 and pftt["uplink_bytes_per_round_std"] == 0
+    assert fedlora["uplink_bytes_per_round_mean"] == 400
+    assert fedlora["uplink_bytes_per_round_std"] == pytest.approx(141.42135623730951)
+    assert fedlora["downlink_bytes_per_round_mean"] == 800
+    assert pftt["ergodic_uplink_delay_s_mean"] == pytest.approx(0.6)
+    assert pftt["ergodic_uplink_delay_s_std"] == pytest.approx(0.1414213562)
+    assert pftt["mean_uplink_delay_s_mean"] == pytest.approx(6.0)
+    assert pftt["median_uplink_delay_s_mean"] == pytest.approx(0.3)
+    # energy per round = total / rounds: (2, 3) J and (1, 2) J
+    assert pftt["energy_per_round_j_mean"] == pytest.approx(2.5)
+    assert fedlora["energy_per_round_j_mean"] == pytest.approx(1.5)
+    assert fedlora["energy_per_round_j_std"] == pytest.approx(statistics.stdev([1.0, 2.0]))
+    # curve: (round, mean, std, n)
+    assert [c[0] for c in pftt["curve"]] == [1, 2, 3]
+    assert pftt["curve"][0][1] == pytest.approx(0.55) and pftt["curve"][2][1] == pytest.approx(0.85)
+    assert pftt["curve"][1][2] == pytest.approx(statistics.stdev([0.7, 0.8])) and pftt["curve"][1][3] == 2
+
+
+def test_single_seed_std_is_zero_and_missing_is_none(tmp_path):
+    d = _fake_run(tmp_path / "runs", "local", 7, 0.5, 0, 0.0, 0.0, [0.5])
+    s = json.loads((d / "summary.json").read_text())
+    s["wireless"]["ergodic_uplink_delay_s"] = None
+    (d / "summary.json").write_text(json.dumps(s))
+    (row,) = reproduce.aggregate_runs([d])
+    assert row["accuracy_mean"] == 0.5 and row["accuracy_std"] == 0.0 and row["n_seeds"] == 1
+    assert row["ergodic_uplink_delay_s_mean"] is None and row["uplink_bytes_per_round_mean"] == 0
+
+
+def test_outputs_written(fake_out):
+    rows = reproduce.aggregate_runs(reproduce.find_run_dirs(fake_out))
+    files = reproduce.write_outputs(fake_out, rows)
+    names = {p.name for p in files}
+    assert {"comparison.csv", "comparison.md", "accuracy_vs_round.png", "uplink_bytes_per_round.png",
+            "uplink_delay_per_round.png"} <= names
+    with (fake_out / "comparison.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["pftt", "fedlora"]
+    assert float(table[0]["accuracy_mean"]) == pytest.approx(0.85) and table[0]["n_seeds"] == "2"
+    md = (fake_out / "comparison.md").read_text()
+    assert "| `pftt` | 0.8500 ± 0.0707 | 1,000 ± 0 |" in md and "ergodic" in md
+    for p in files:
+        if p.suffix == ".png":
+            data = p.read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    _fake_run(tmp_path / "runs", "pftt", 42, 0.8, 1000, 0.5, 6.0, [0.8])
+    calls = []
+
+    def fake_launch(app_dir, run_config, flwr_home, log, data_dir, timeout_s, ports=None):
+        calls.append(run_config)
+        method = run_config.split("method='")[1].split("'")[0]
+        seed = int(run_config.split(" seed=")[1].split()[0])
+        if method == "fedlora":
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("boom: something broke\n")
+            return 1  # a failed run is reported, the others go on
+        _fake_run(tmp_path / "runs", method, seed, 0.7, 500, 0.2, 3.0, [0.7])
+        return 0
+
+    res = reproduce.run_all(tmp_path, ["pftt", "fedlora", "local"], [42, 43], "quick", launch=fake_launch)
+    status = {(r.method, r.seed): r.status for r in res}
+    assert status == {("pftt", 42): "skipped", ("fedlora", 42): "failed", ("local", 42): "done",
+                      ("pftt", 43): "done", ("fedlora", 43): "failed", ("local", 43): "done"}
+    assert len(calls) == 5
+    failed = [r for r in res if r.status == "failed"][0]
+    assert "boom" in failed.error and failed.log.exists()
+    # the run config carries the profile, method, seed, results dir and run name
+    rc = calls[0]
+    assert "task.num-rounds=3" in rc and "method='fedlora'" in rc and "seed=42" in rc
+    assert f"results-dir='{(tmp_path / 'runs').resolve()}'" in rc and "run-name='fedlora-seed42'" in rc
+    # second pass: everything finished is skipped, only the failed ones are retried
+    calls.clear()
+    res = reproduce.run_all(tmp_path, ["pftt", "fedlora", "local"], [42, 43], "quick", launch=fake_launch)
+    assert len(calls) == 2 and all("fedlora" in c for c in calls)
+
+
+def test_full_profile_is_the_paper():
+    rc = reproduce.build_run_config("pftt", 1, Path("/tmp/x"), "full")
+    assert "task.num-rounds=40" in rc and "max-train-samples" not in rc and "wireless" not in rc
+
+
+def test_cli_reproduce_quick(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(out, profile, seeds, methods, app_dir, data_dir):
+        seen.update(out=out, profile=profile, seeds=seeds, methods=methods, app_dir=app_dir, data_dir=data_dir)
+        return reproduce.ReproduceResult(Path(out))
+
+    monkeypatch.setattr(reproduce, "reproduce_pftt", fake)
+    rc = cli.main(["reproduce", "pftt", "--quick", "--methods", "pftt", "fedlora", "--seeds", "2",
+                   "--out", str(tmp_path), "--data-dir", "/data"])
+    assert rc == 0
+    assert seen == {"out": tmp_path, "profile": "quick", "seeds": [42, 43], "methods": ["pftt", "fedlora"],
+                    "app_dir": None, "data_dir": Path("/data")}
+    seen.clear()
+    assert cli.main(["reproduce", "pftt", "--seed-base", "1"]) == 0
+    assert seen["profile"] == "full" and seen["seeds"] == [1, 2, 3] and seen["methods"] == list(reproduce.ALL_METHODS)
+
+
+def test_cli_rejects_unknown_method(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "pftt", "--methods", "nope"])
+
+
+def test_cli_train_rewards_forwards(monkeypatch):
+    import pwff_app.rewards as rewards
+
+    got = []
+    monkeypatch.setattr(rewards, "main", lambda argv: got.append(argv) or 0)
+    assert cli.main(["train-rewards", "--help-me", "x"]) == 0
+    assert got == [["--help-me", "x"]]
+
+
+def test_cli_aggregate_only(fake_out, capsys):
+    rc = cli.main(["reproduce", "pftt", "--aggregate-only", "--out", str(fake_out), "--seeds", "2",
+                   "--seed-base", "1"])
+    assert rc == 0 and (fake_out / "comparison.md").exists()
+    assert "`fedlora`" in capsys.readouterr().out
