@@ -18,11 +18,11 @@ def _arrays(value: float, shapes=SHAPES, dtype=np.float32) -> ArrayRecord:
     return ArrayRecord({k: Array(np.full(s, value, dtype=dtype)) for k, s in shapes.items()})
 
 
-def _reply(client_id: int, arrays: ArrayRecord, n: int) -> Message:
+def _reply(client_id: int, arrays: ArrayRecord, n: int, server_round: int = 1) -> Message:
     request = make_message(RecordDict({"config": ConfigRecord({"server-round": 1})}), MessageType.TRAIN,
                            dst=10 + client_id)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0}),
-                          "info": ConfigRecord({"client-id": client_id})})
+                          "info": ConfigRecord({"client-id": client_id, "server-round": server_round})})
     return Message(content=content, reply_to=request)
 
 
@@ -41,7 +41,7 @@ def test_weighted_mean_of_valid_replies_only(tmp_path):
     lost = Message(Error(code=1, reason="lost"), reply_to=_reply(9, _arrays(0), 1))
     replies = [_reply(0, _arrays(1.0), 10), _reply(1, _arrays(4.0), 30), _reply(2, nan, 50),
                _reply(3, wrong_shape, 50), _reply(4, extra_key, 50), _reply(5, _arrays(1.0, dtype=np.float64), 5),
-               lost]
+               _reply(6, _arrays(1.0), 50, server_round=7), lost]
     arrays, _ = s.aggregate_train(1, replies)
     expected = (10 * 1.0 + 30 * 4.0) / 40
     for key in SHAPES:
@@ -49,7 +49,8 @@ def test_weighted_mean_of_valid_replies_only(tmp_path):
     s.aggregate_evaluate(1, [])
     record = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
     reasons = [e["reason"] for e in record["events"]]
-    assert len(reasons) == 5
+    assert len(reasons) == 6
+    assert any("round 7 in round 1" in r for r in reasons)
     assert any("non-finite" in r for r in reasons) and any("unexpected" in r for r in reasons)
     assert any("float64" in r for r in reasons) and "lost" in reasons
     assert set(record["clients"]) == {"0", "1"}
