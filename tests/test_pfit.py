@@ -95,6 +95,7 @@ def _run(rc: dict) -> tuple[dict, list[dict], InProcessGrid]:
 
 def test_config_validation() -> None:
     assert pfit.InstructConfig.from_run_config({}).sparsity == (0.4,)
+    assert pfit.InstructConfig.from_run_config({"instruct.sparsity": 0.2}).sparsity == (0.2,)
     cfg = pfit.InstructConfig.from_run_config({"instruct.sparsity": "0.4,0.2"})
     assert [cfg.client_sparsity(c) for c in range(3)] == [0.4, 0.2, 0.4]
     for key, bad in [("instruct.sparsity", "1.0"), ("instruct.sparsity", "-0.1"), ("instruct.mask-rule", "topk"),
