@@ -67,7 +67,7 @@ class RewardConfig:
     """How the reward models are built and trained; every field is part of the cache key.
 
     encoder: Hugging Face encoder id or path; "" = the offline all-MiniLM-L6-v2 package.
-    max_length: tokens per (prompt, response) pair; MiniLM was trained with 256.
+    max_length: tokens per encoded text (or text pair); MiniLM was trained with 256.
     features: "separate" = [e_prompt, e_response, e_prompt * e_response] from separate
         encodings; "pair" = the embedding of the (prompt, response) text pair; "both" = the two
         concatenated.
@@ -382,8 +382,9 @@ class RewardModel(nn.Module):
 class RewardModels(nn.Module):
     """The helpfulness and safety reward models over ONE shared frozen encoder.
 
-    ``metrics`` holds what training measured (held-out accuracy, sizes, seconds) and
-    ``cache_path`` the safetensors file they were saved to / loaded from.
+    ``metrics`` holds what training measured (held-out accuracy, sizes, seconds),
+    ``cache_path`` the safetensors file they were saved to / loaded from, and ``from_cache``
+    whether they were loaded rather than trained.
     """
 
     def __init__(self, encoder: SentenceEncoder, config: RewardConfig) -> None:
@@ -394,6 +395,7 @@ class RewardModels(nn.Module):
         self.safety = RewardModel(encoder, config)
         self.metrics: dict = {}
         self.cache_path: Path | None = None
+        self.from_cache = False
 
     def objectives(self) -> dict[str, RewardModel]:
         return {"helpfulness": self.helpfulness, "safety": self.safety}
@@ -519,7 +521,8 @@ def train_reward_models(
 ) -> tuple[RewardModels, dict]:
     """Train both reward models from the HH-RLHF files under ``data_dir``.
 
-    ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``).
+    ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``);
+    it should be the one ``config.encoder`` names, with ``config.max_length``.
     Returns the models and the metrics: per objective the held-out accuracy (measured once,
     after all choices), train/val accuracy, split sizes and seconds.
     """
@@ -535,10 +538,11 @@ def train_reward_models(
         fit_pos, val_pos = split_indices(len(train_idx), config.val_fraction, config.seed + 1)
         f_c, f_r = _pair_features(encoder, config, pairs, progress, desc=f"encode {name}")
         t1 = time.perf_counter()
-        part = lambda idx: (f_c[idx], f_r[idx])  # noqa: E731
         fit_idx, val_idx = [train_idx[i] for i in fit_pos], [train_idx[i] for i in val_pos]
-        result = fit_reward_model(model, part(fit_idx), part(val_idx), config, progress, desc=f"train {name}")
-        standardise_scores(model, torch.cat(part(train_idx)))
+        result = fit_reward_model(
+            model, (f_c[fit_idx], f_r[fit_idx]), (f_c[val_idx], f_r[val_idx]), config, progress, f"train {name}"
+        )
+        standardise_scores(model, torch.cat([f_c[train_idx], f_r[train_idx]]))
         with torch.no_grad():
             held_accuracy = pairwise_accuracy(model(f_c[held_idx]), model(f_r[held_idx]))
         metrics["objectives"][name] = {
@@ -591,6 +595,7 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is as readable as any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -624,7 +629,7 @@ def load_reward_models(path: Path, config: RewardConfig, encoder: SentenceEncode
         model.load_head_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     models.metrics = {k: v for k, v in record.items() if k not in ("config", "encoder")}
-    models.cache_path = path
+    models.cache_path, models.from_cache = path, True
     return models.eval()
 
 
@@ -669,20 +674,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths stay copyable
     if not args.data_dir:
         console.print("error: no data folder: set PWFF_DATA_DIR or pass --data-dir")
         return 2
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    started = time.perf_counter()
     try:
         models = load_or_train_reward_models(args.data_dir, cache_dir, progress=not args.quiet, force=args.force)
     except FileNotFoundError as err:
         console.print(f"error: {err}")
         return 2
-    trained = models.metrics.get("seconds", 0.0)
     table = Table(title="PFIT reward models (held-out pairwise accuracy)")
-    for column in ("objective", "held-out acc", "val acc", "train / val / held-out pairs", "train seconds"):
+    for column in ("objective", "held-out acc", "val acc", "pairs train/val/held-out", "seconds"):
         table.add_column(column, justify="left" if column == "objective" else "right")
     for name, m in models.metrics["objectives"].items():
         table.add_row(
@@ -692,10 +695,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['n_train']} / {m['n_val']} / {m['n_heldout']}",
             f"{m['seconds']:.1f}",
         )
-    out = Console()
+    out = Console(soft_wrap=True)
     out.print(table)
-    how = "loaded from cache" if time.perf_counter() - started < trained else "trained"
-    out.print(f"{how}: {models.cache_path} (training took {trained:.1f} s)")
+    how = "loaded from cache" if models.from_cache else "trained and saved"
+    out.print(f"{how}: {models.cache_path} (training, encoding included, took {models.metrics['seconds']:.1f} s)")
     return 0
 
 
