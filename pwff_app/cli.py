@@ -62,7 +62,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         if not rows:
             print(f"pwff: no finished runs under {out}/runs", file=sys.stderr)
             return 1
-        files = reproduce.write_outputs(out, rows, header=f"Profile `{profile}`, seeds {seeds}.")
+        files = reproduce.write_outputs(out, rows, header=reproduce.profile_header(profile, seeds))
         print(reproduce.markdown_table(rows))
         print("\n".join(str(p) for p in files))
         return 0

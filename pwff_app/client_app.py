@@ -16,6 +16,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from pwff_app.config import RunConfig
 from pwff_app.methods import METHODS
 from pwff_app.models import count_params, group_params, load_params
+from pwff_app.pfit import handle_pfit_evaluate, handle_pfit_train
 from pwff_app.split import handle_split_message
 from pwff_app.state import PrivateStore
 from pwff_app.task import ClientTask, evaluate, load_client_task, train_local
@@ -34,6 +35,10 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def _family(context: Context) -> str:
+    return METHODS[str(context.run_config["method"])].family
 
 
 def _is_split(context: Context) -> bool:
@@ -61,11 +66,14 @@ def _prepare(msg: Message, context: Context, private_upto: int) -> tuple[RunConf
 
 @app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    if _family(context) == "instruct":
+        return handle_pfit_train(msg, context)
     if _is_split(context):
         return handle_split_message(msg, context)
     # Round r trains from the private state left by round r - 1.
     cfg, client_id, server_round, task, store = _prepare(msg, context, private_upto=-1)
-    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, cfg.task.lr)
+    lr = cfg.task.backbone_lr if "backbone" in task.spec.trained else cfg.task.lr
+    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, lr)
     store.save(group_params(task.model, task.spec.private), server_round)
     shared = group_params(task.model, task.spec.shared)
     content = RecordDict({
@@ -80,6 +88,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
+    if _family(context) == "instruct":
+        return handle_pfit_evaluate(msg, context)
     if _is_split(context):
         return handle_split_message(msg, context)
     # Evaluation after round r uses the private state that round r's training left.

@@ -74,6 +74,7 @@ class TaskConfig:
     batch_size: int
     local_epochs: int
     lr: float
+    backbone_lr: float
     adapter_size: int
     lora_rank: int
     lora_alpha: int
@@ -92,6 +93,7 @@ class TaskConfig:
             batch_size=_get(rc, "task.batch-size", int),
             local_epochs=_get(rc, "task.local-epochs", int),
             lr=_get(rc, "task.lr", float),
+            backbone_lr=_get(rc, "task.backbone-lr", float, 5e-5),
             adapter_size=_get(rc, "task.adapter-size", int),
             lora_rank=_get(rc, "task.lora-rank", int),
             lora_alpha=_get(rc, "task.lora-alpha", int),
@@ -104,6 +106,7 @@ class TaskConfig:
             ("task.batch-size", cfg.batch_size),
             ("task.local-epochs", cfg.local_epochs),
             ("task.lr", cfg.lr),
+            ("task.backbone-lr", cfg.backbone_lr),
             ("task.adapter-size", cfg.adapter_size),
             ("task.lora-rank", cfg.lora_rank),
             ("task.lora-alpha", cfg.lora_alpha),

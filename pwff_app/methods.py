@@ -109,5 +109,17 @@ METHODS: dict[str, MethodSpec] = {
         # Reference point: PFTT's model, no federation.
         _spec("local", "task", {"adapter", "lora"}, {"adapter", "lora", "head"}, set(), True,
               "local", "Local only: each client trains alone, nothing is sent"),
+        # ---- instruct family (paper IV-C; run by pwff_app/pfit.py). Groups on the causal LM:
+        # "backbone" = the last two blocks (the only unfrozen LM weights), "lora" = LoRA on
+        # their attention, "head" = the PPO value head (private: the critic of one client's
+        # reward mix). How much of the attention is sent (sparsity) is in pfit.METHOD_OVERRIDES.
+        _spec("pfit", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
+              "PFIT: PPO on the last two blocks, personalised rewards, sparse attention update (s=0.4)"),
+        _spec("pfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
+              "PFL (paper V-B): PFIT without sparse attention (dense upload)"),
+        _spec("sfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
+              "SFL (paper V-B): helpfulness reward only, 20% sparse attention"),
+        _spec("shepherd", "instruct", {"lora"}, {"lora", "head"}, {"lora"}, False, "fedavg",
+              "Shepherd (Zhang et al. 2023): LoRA on the last two blocks' attention, FedAvg'd; equal reward weights"),
     ]
 }

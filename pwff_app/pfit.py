@@ -30,14 +30,12 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore import log
 
 from pwff_app.config import ConfigError, RunConfig, resolve_data_dir
 from pwff_app.policy import (

@@ -57,7 +57,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("personalized accuracy (mean over clients)")
     ax.set_title(f"Accuracy vs round ({_subtitle(rows)})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -240,6 +240,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("mean_uplink_delay_s", "uplink delay / round, mean over fades (s)"),
     ("energy_per_round_j", "energy / round (J)"),
     ("latency_per_round_s", "round latency (s)"),
+    ("uplink_loss_rate", "uplink updates lost"),
 )
 
 
@@ -295,6 +296,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "mean_uplink_delay_s": _num(w.get("mean_uplink_delay_s")),
         "energy_per_round_j": energy / n_rounds if energy is not None and n_rounds else None,
         "latency_per_round_s": _num(w.get("mean_round_latency_s")),
+        "uplink_loss_rate": _num(w.get("loss_rate")),
         "num_rounds": s.get("num_rounds"),
         "curve": curve,
     }
@@ -359,6 +361,8 @@ def _fmt(mean: float | None, std: float | None, kind: str) -> str:
         return "n/a"
     if kind == "acc":
         return f"{mean:.4f} ± {std:.4f}"
+    if kind == "pct":
+        return f"{100 * mean:.0f}% ± {100 * std:.0f}%"
     if kind == "bytes":
         return f"{mean:,.0f} ± {std:,.0f}"
     return f"{mean:.4g} ± {std:.2g}"
@@ -372,6 +376,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)", "float"),
             ("median_uplink_delay_s", "uplink delay, median (s)", "float"),
             ("energy_per_round_j", "energy / round (J)", "float"),
+            ("uplink_loss_rate", "uplink updates lost", "pct"),
             ("n_seeds", "seeds", "int")]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
@@ -390,7 +395,9 @@ the 4 clients of each client's accuracy on its own test split in the last round
 mean over clients of payload / (B · E[log2(1 + SNR·|h|²)]) — the Rayleigh delay's own mean is
 infinite, so the per-fade mean (`mean_uplink_delay_s`, in comparison.csv) is dominated by
 deep fades; the median over all uplinks is shown as well. *Energy / round*: uplink + downlink
-transmit energy of all clients, `wireless.total_energy_j` / rounds.
+transmit energy of all clients, `wireless.total_energy_j` / rounds. *Uplink bytes* count
+delivered updates only (a lost update is not in `comm`); *uplink updates lost* is the share of
+attempted uplinks lost after retransmissions (`wireless.loss_rate`).
 """
 
 
@@ -437,6 +444,11 @@ def _reporter() -> tuple[Callable[[RunResult], None], Callable[[], None]]:
     return report, lambda: None
 
 
+def profile_header(profile: str, seeds: Sequence[int]) -> str:
+    return (f"Profile `{profile}` ({' '.join(f'{k}={v}' for k, v in PROFILES[profile].items())}; "
+            f"wireless on: Rayleigh, 5 dB; pyproject defaults otherwise), seeds {list(seeds)}.")
+
+
 def reproduce_pftt(out_dir: Path, profile: str = "quick", seeds: Sequence[int] = (42, 43, 44),
                    methods: Sequence[str] = ALL_METHODS, app_dir: Path | None = None,
                    data_dir: Path | None = None, extra_config: dict[str, Any] | None = None) -> ReproduceResult:
@@ -458,8 +470,7 @@ def reproduce_pftt(out_dir: Path, profile: str = "quick", seeds: Sequence[int] =
     run_dirs = [d for d in find_run_dirs(out_dir) if d.name in wanted]
     rows = aggregate_runs(run_dirs, method_order=list(methods))
     wall = time.time() - t0
-    header = (f"Profile `{profile}` ({' '.join(f'{k}={v}' for k, v in PROFILES[profile].items())}; "
-              f"wireless on, pyproject defaults otherwise), seeds {list(seeds)}.")
+    header = profile_header(profile, seeds)
     files = write_outputs(out_dir, rows, header=header) if rows else []
     n_failed = sum(r.status == "failed" for r in runs)
     print(markdown_table(rows) if rows else "[pwff reproduce] no finished runs", flush=True)

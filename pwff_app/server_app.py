@@ -11,6 +11,7 @@ from pwff_app.checkpoint import load_checkpoint
 from pwff_app.config import ConfigError, RunConfig
 from pwff_app.methods import METHODS
 from pwff_app.models import count_params, group_params
+from pwff_app.pfit import run_pfit
 from pwff_app.results import RunRecorder, default_run_name
 from pwff_app.strategies import AGGREGATORS
 from pwff_app.split import split_param_counts
@@ -26,6 +27,22 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     spec = METHODS[cfg.method]
     out_dir = cfg.results_dir / (cfg.run_name or default_run_name(cfg.method, cfg.seed))
+    if spec.family == "instruct":
+        if cfg.resume:
+            raise ConfigError(f"run config: 'resume' is not supported for '{cfg.method}' (instruct methods) yet")
+        recorder = RunRecorder(out_dir, cfg.method, score_key="reward")
+        channel = ChannelConfig.from_run_config(context.run_config)
+        if channel.enabled:
+            grid = WirelessGrid(grid, channel)
+            recorder.extra["wireless"] = grid.round_stats
+        summary = run_pfit(grid, cfg, context, recorder)
+        path = recorder.finish({
+            **summary,
+            "wireless": grid.summary_block() if channel.enabled else {"enabled": False},
+            "config": dict(cfg.raw),
+        })
+        print(f"[pwff] results: {path}", flush=True)
+        return
 
     model = build_model_for(cfg, client_id=None)
     initial = ArrayRecord({k: Array(v) for k, v in group_params(model, spec.shared).items()})

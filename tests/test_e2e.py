@@ -4,42 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pwff_app.reproduce import free_port, stop_local_superlink
 from tests.conftest import ROOT
-
-
-def _kill_superlink(flwr_home: Path) -> None:
-    """End the detached SuperLink (and its children) that ``flwr run`` left for this FLWR_HOME."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="ignore")
-        except OSError:
-            continue
-        if str(flwr_home) in cmdline and ("superlink" in cmdline or "superexec" in cmdline):
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 def flwr_run(run_config: str, flwr_home: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PWFF_DATA_DIR": str(data_dir)}
+           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PWFF_DATA_DIR": str(data_dir),
+           # Our own SuperLink ports: the default 39091 may belong to another local run.
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [str(flwr), "run", str(ROOT), "--stream", "--federation-config",
            "num-supernodes=4 client-resources-num-cpus=1", "--run-config", run_config]
     try:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     finally:
-        _kill_superlink(flwr_home)
+        stop_local_superlink(flwr_home)
 
 
 @pytest.fixture(scope="module")
