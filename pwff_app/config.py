@@ -24,7 +24,8 @@ class ConfigError(ValueError):
     """A run-config value is missing or out of range; the message names the key."""
 
 
-def _get(rc: Mapping[str, Scalar], key: str, kind: type, default: Scalar | None = None) -> Scalar:
+def read_key(rc: Mapping[str, Scalar], key: str, kind: type, default: Scalar | None = None) -> Scalar:
+    """A run-config value of the given type (ints widen to floats); ``default`` if absent."""
     if key not in rc:
         if default is None:
             raise ConfigError(f"run config: missing key '{key}'")
@@ -83,21 +84,21 @@ class TaskConfig:
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Scalar]) -> TaskConfig:
         cfg = cls(
-            num_rounds=_get(rc, "task.num-rounds", int),
-            model_name=_get(rc, "task.model-name", str, ""),
-            dataset=_get(rc, "task.dataset", str, "fancyzhx/ag_news"),
-            alpha=_get(rc, "task.alpha", float),
-            max_train_samples=_get(rc, "task.max-train-samples", int),
-            max_test_samples=_get(rc, "task.max-test-samples", int),
-            max_length=_get(rc, "task.max-length", int),
-            batch_size=_get(rc, "task.batch-size", int),
-            local_epochs=_get(rc, "task.local-epochs", int),
-            lr=_get(rc, "task.lr", float),
-            backbone_lr=_get(rc, "task.backbone-lr", float, 5e-5),
-            adapter_size=_get(rc, "task.adapter-size", int),
-            lora_rank=_get(rc, "task.lora-rank", int),
-            lora_alpha=_get(rc, "task.lora-alpha", int),
-            resource_levels=float_list("task.resource-levels", _get(rc, "task.resource-levels", str)),
+            num_rounds=read_key(rc, "task.num-rounds", int),
+            model_name=read_key(rc, "task.model-name", str, ""),
+            dataset=read_key(rc, "task.dataset", str, "fancyzhx/ag_news"),
+            alpha=read_key(rc, "task.alpha", float),
+            max_train_samples=read_key(rc, "task.max-train-samples", int),
+            max_test_samples=read_key(rc, "task.max-test-samples", int),
+            max_length=read_key(rc, "task.max-length", int),
+            batch_size=read_key(rc, "task.batch-size", int),
+            local_epochs=read_key(rc, "task.local-epochs", int),
+            lr=read_key(rc, "task.lr", float),
+            backbone_lr=read_key(rc, "task.backbone-lr", float, 5e-5),
+            adapter_size=read_key(rc, "task.adapter-size", int),
+            lora_rank=read_key(rc, "task.lora-rank", int),
+            lora_alpha=read_key(rc, "task.lora-alpha", int),
+            resource_levels=float_list("task.resource-levels", read_key(rc, "task.resource-levels", str)),
         )
         for key, value in [
             ("task.num-rounds", cfg.num_rounds),
@@ -148,32 +149,32 @@ class RunConfig:
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Scalar]) -> RunConfig:
-        method = _get(rc, "method", str)
+        method = read_key(rc, "method", str)
         if method not in METHODS:
             raise ConfigError(f"run config: 'method' must be one of {sorted(METHODS)}, got {method!r}")
-        num_clients = _get(rc, "num-clients", int)
+        num_clients = read_key(rc, "num-clients", int)
         _positive("num-clients", num_clients)
-        aggregator = _get(rc, "aggregator", str, "fedavg")
+        aggregator = read_key(rc, "aggregator", str, "fedavg")
         if aggregator not in AGGREGATOR_NAMES:
             raise ConfigError(f"run config: 'aggregator' must be one of {list(AGGREGATOR_NAMES)}, got {aggregator!r}")
-        trim = _get(rc, "trim-fraction", float, 0.2)
+        trim = read_key(rc, "trim-fraction", float, 0.2)
         if not 0 <= trim < 0.5:
             raise ConfigError(f"run config: 'trim-fraction' must be in [0, 0.5), got {trim!r}")
         cfg = cls(
             method=method,
-            seed=_get(rc, "seed", int),
+            seed=read_key(rc, "seed", int),
             num_clients=num_clients,
-            results_dir=resolve_results_dir(_get(rc, "results-dir", str, "")),
-            run_name=_get(rc, "run-name", str, ""),
-            data_dir=resolve_data_dir(_get(rc, "data-dir", str, "")),
-            resume=_get(rc, "resume", bool, False),
-            client_state_dir=_get(rc, "client-state-dir", str, ""),
+            results_dir=resolve_results_dir(read_key(rc, "results-dir", str, "")),
+            run_name=read_key(rc, "run-name", str, ""),
+            data_dir=resolve_data_dir(read_key(rc, "data-dir", str, "")),
+            resume=read_key(rc, "resume", bool, False),
+            client_state_dir=read_key(rc, "client-state-dir", str, ""),
             aggregator=aggregator,
             trim_fraction=trim,
-            max_update_norm=_get(rc, "max-update-norm", float, 0.0),
-            min_survivors=_get(rc, "min-survivors", int, 1),
-            dp_noise_multiplier=_get(rc, "dp.noise-multiplier", float, 0.0),
-            dp_clipping_norm=_get(rc, "dp.clipping-norm", float, 1.0),
+            max_update_norm=read_key(rc, "max-update-norm", float, 0.0),
+            min_survivors=read_key(rc, "min-survivors", int, 1),
+            dp_noise_multiplier=read_key(rc, "dp.noise-multiplier", float, 0.0),
+            dp_clipping_norm=read_key(rc, "dp.clipping-norm", float, 1.0),
             task=TaskConfig.from_run_config(rc),
             raw=dict(rc),
         )

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from pwff_app.config import ConfigError, RunConfig, resolve_data_dir
+from pwff_app.config import ConfigError, RunConfig, read_key, resolve_data_dir
 from pwff_app.policy import (
     PolicyWithValue,
     freeze_all_but_last_blocks,
@@ -77,17 +77,6 @@ MAX_PROMPT_CHARS = 400  # Alpaca records whose instruction + input is longer are
 
 
 # ---------------------------------------------------------------- config
-
-
-def _get(rc: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = rc.get(key, default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"run config: '{key}' must be {kind.__name__}, got {value!r}")
-    return value
 
 
 def _parse_weights(text: str) -> tuple[tuple[float, float], ...]:
@@ -138,7 +127,7 @@ class InstructConfig:
         raw_sparsity = rc.get("instruct.sparsity", "0.4")  # --run-config "instruct.sparsity=0.2" arrives as float
         if isinstance(raw_sparsity, (int, float)) and not isinstance(raw_sparsity, bool):
             raw_sparsity = str(float(raw_sparsity))
-        sparsity_text = _get({"instruct.sparsity": raw_sparsity}, "instruct.sparsity", str, "0.4")
+        sparsity_text = read_key({"instruct.sparsity": raw_sparsity}, "instruct.sparsity", str, "0.4")
         try:
             sparsity = tuple(float(x) for x in sparsity_text.split(",") if x.strip())
         except ValueError:
@@ -147,21 +136,21 @@ class InstructConfig:
             raise ConfigError(f"run config: 'instruct.sparsity' must be a comma list of numbers in [0, 1), "
                               f"got {sparsity_text!r}")
         cfg = cls(
-            num_rounds=_get(rc, "instruct.num-rounds", int, d.num_rounds),
-            policy_name=_get(rc, "instruct.policy-name", str, d.policy_name),
-            max_new_tokens=_get(rc, "instruct.max-new-tokens", int, d.max_new_tokens),
-            prompts_per_round=_get(rc, "instruct.prompts-per-round", int, d.prompts_per_round),
-            ppo_steps=_get(rc, "instruct.ppo-steps", int, d.ppo_steps),
-            ppo_epochs=_get(rc, "instruct.ppo-epochs", int, d.ppo_epochs),
-            eval_prompts=_get(rc, "instruct.eval-prompts", int, d.eval_prompts),
+            num_rounds=read_key(rc, "instruct.num-rounds", int, d.num_rounds),
+            policy_name=read_key(rc, "instruct.policy-name", str, d.policy_name),
+            max_new_tokens=read_key(rc, "instruct.max-new-tokens", int, d.max_new_tokens),
+            prompts_per_round=read_key(rc, "instruct.prompts-per-round", int, d.prompts_per_round),
+            ppo_steps=read_key(rc, "instruct.ppo-steps", int, d.ppo_steps),
+            ppo_epochs=read_key(rc, "instruct.ppo-epochs", int, d.ppo_epochs),
+            eval_prompts=read_key(rc, "instruct.eval-prompts", int, d.eval_prompts),
             sparsity=sparsity,
-            mask_rule=_get(rc, "instruct.mask-rule", str, d.mask_rule),
-            reward_weights=_parse_weights(_get(rc, "instruct.reward-weights", str, "0.8:0.2,0.2:0.8,0.5:0.5,0.8:0.2")),
-            reward_models=_get(rc, "instruct.reward-models", str, d.reward_models),
-            mu=_get(rc, "instruct.mu", float, d.mu),
-            lr=_get(rc, "instruct.lr", float, d.lr),
-            kl_coef=_get(rc, "instruct.kl-coef", float, d.kl_coef),
-            lora_rank=_get(rc, "instruct.lora-rank", int, 8),
+            mask_rule=read_key(rc, "instruct.mask-rule", str, d.mask_rule),
+            reward_weights=_parse_weights(read_key(rc, "instruct.reward-weights", str, "0.8:0.2,0.2:0.8,0.5:0.5,0.8:0.2")),
+            reward_models=read_key(rc, "instruct.reward-models", str, d.reward_models),
+            mu=read_key(rc, "instruct.mu", float, d.mu),
+            lr=read_key(rc, "instruct.lr", float, d.lr),
+            kl_coef=read_key(rc, "instruct.kl-coef", float, d.kl_coef),
+            lora_rank=read_key(rc, "instruct.lora-rank", int, 8),
         )
         for key, value in [("instruct.num-rounds", cfg.num_rounds), ("instruct.max-new-tokens", cfg.max_new_tokens),
                            ("instruct.prompts-per-round", cfg.prompts_per_round),

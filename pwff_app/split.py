@@ -39,7 +39,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
-from pwff_app.config import ConfigError, RunConfig, _get
+from pwff_app.config import ConfigError, RunConfig, read_key
 from pwff_app.data import AG_NEWS_CLASSES, client_split, make_loader
 from pwff_app.methods import MethodSpec
 from pwff_app.models import EncoderClassifier, build_task_model, load_params, load_tokenizer
@@ -79,9 +79,9 @@ class SplitConfig:
     @classmethod
     def from_run_config(cls, cfg: RunConfig) -> SplitConfig:
         rc = cfg.raw
-        k = _get(rc, "fedbert.split-layer", int, DEFAULT_SPLIT_LAYER)
-        train = _get(rc, "fedbert.train", str, "full")
-        lr = _get(rc, "fedbert.lr", float, 0.0)
+        k = read_key(rc, "fedbert.split-layer", int, DEFAULT_SPLIT_LAYER)
+        train = read_key(rc, "fedbert.train", str, "full")
+        lr = read_key(rc, "fedbert.lr", float, 0.0)
         if k < 0:
             raise ConfigError(f"run config: 'fedbert.split-layer' must be >= 0, got {k!r}")
         if train not in TRAIN_MODES:
