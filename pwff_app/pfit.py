@@ -350,15 +350,20 @@ def _check_global(incoming: Mapping[str, np.ndarray], bundle: _Bundle, method: s
                          f"({len(incoming)} keys, expected {len(expected)})")
 
 
+def _setup(msg: Message, context: Context) -> tuple[str, int, InstructConfig, tuple[int, int, int], Any, _Bundle]:
+    """What both handlers need: method, seed, config, (client, clients, round), data dir, models."""
+    rc = context.run_config
+    method = str(rc["method"])
+    cfg = InstructConfig.from_run_config(rc).for_method(method)
+    data_dir = resolve_data_dir(str(rc.get("data-dir", "")))
+    return (method, int(rc.get("seed", 0)), cfg, _ids(msg, context), data_dir,
+            get_bundle(cfg.policy_name, cfg.bundle_lora_rank))
+
+
 def handle_pfit_train(msg: Message, context: Context) -> Message:
     """One PFIT round on a client (see the module docstring)."""
     started = time.perf_counter()
-    rc = context.run_config
-    method, seed = str(rc["method"]), int(rc.get("seed", 0))
-    cfg = InstructConfig.from_run_config(rc).for_method(method)
-    client_id, num_clients, server_round = _ids(msg, context)
-    data_dir = resolve_data_dir(str(rc.get("data-dir", "")))
-    bundle = get_bundle(cfg.policy_name, cfg.bundle_lora_rank)
+    method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
     lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
 
     incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
@@ -427,12 +432,7 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
 
 def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     """Held-out rewards of this client's personalised local model after the round."""
-    rc = context.run_config
-    method, seed = str(rc["method"]), int(rc.get("seed", 0))
-    cfg = InstructConfig.from_run_config(rc).for_method(method)
-    client_id, num_clients, server_round = _ids(msg, context)
-    data_dir = resolve_data_dir(str(rc.get("data-dir", "")))
-    bundle = get_bundle(cfg.policy_name, cfg.bundle_lora_rank)
+    method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
     lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
 
     private = PrivateStore(context, client_id).load(upto_round=server_round)
@@ -509,15 +509,12 @@ class _PfitChecks:
         return super().configure_train(server_round, arrays, config, grid)
 
     def _problem(self, content, server_round: int) -> str | None:
-        arrays = content.array_records.get(self.arrayrecord_key)
-        if arrays is None or len(content.array_records) != 1:
-            return f"expected one ArrayRecord '{self.arrayrecord_key}', got {sorted(content.array_records)}"
-        if len(content.metric_records) != 1 or self.weighted_by_key not in next(iter(content.metric_records.values())):
-            return f"expected one MetricRecord with '{self.weighted_by_key}'"
+        problem = self._envelope_problem(content, server_round)
+        if problem is not None:
+            return problem
+        arrays = content[self.arrayrecord_key]
         metrics = next(iter(content.metric_records.values()))
         info = content.get("info", ConfigRecord())
-        if int(info.get("server-round", server_round)) != server_round:
-            return f"reply for round {info.get('server-round')} in round {server_round}"
         try:
             s, m_seed = float(metrics["sparsity"]), int(metrics["mask-seed"])
         except (KeyError, TypeError, ValueError):

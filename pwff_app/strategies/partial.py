@@ -87,7 +87,8 @@ class _PartialMixin:
         self._aggregated = arrays  # the round's global weights after aggregation
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
-    def _problem(self, content, server_round: int) -> str | None:
+    def _envelope_problem(self, content, server_round: int) -> str | None:
+        """Record counts, the weighting metric and the round: what every reply must get right."""
         arrays = content.array_records.get(self.arrayrecord_key)
         if arrays is None or len(content.array_records) != 1:
             return f"expected one ArrayRecord '{self.arrayrecord_key}', got {sorted(content.array_records)}"
@@ -96,7 +97,11 @@ class _PartialMixin:
         info = content.get("info", ConfigRecord())
         if int(info.get("server-round", server_round)) != server_round:
             return f"reply for round {info.get('server-round')} in round {server_round}"
-        return reply_problem(arrays, self._global, self.max_update_norm)
+        return None
+
+    def _problem(self, content, server_round: int) -> str | None:
+        return self._envelope_problem(content, server_round) or reply_problem(
+            content[self.arrayrecord_key], self._global, self.max_update_norm)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -39,7 +39,7 @@ from pwff_app.config import ConfigError, RunConfig
 from pwff_app.payload import payload_bytes
 from pwff_app.results import RunRecorder
 from pwff_app.split import (
-    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, SplitConfig, build_split_model,
+    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, SplitConfig, build_split_model,
     new_optimizer, server_step, split_model, trained_arrays,
 )
 from pwff_app.strategies.partial import reply_problem
