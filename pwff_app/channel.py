@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -340,6 +340,26 @@ class LinkResult:
     def from_record(cls, record: Mapping[str, object]) -> LinkResult:
         """Inverse of :meth:`to_record` (extra keys are ignored)."""
         return cls(**{name: record[name] for name in cls.__dataclass_fields__})
+
+
+def combine_links(first: LinkResult | None, then: LinkResult) -> LinkResult:
+    """Two messages sent one after the other on one link in one round, as one exchange.
+
+    Bits, packets, retransmissions, attempts, air time and energy add up; the exchange is
+    delivered only if both messages were; rate, capacity and gain stay those of the first
+    message. Split learning sends one message per batch each way, so its round is the sum.
+    """
+    if first is None:
+        return then
+    if (first.direction, first.client_id, first.server_round) != (then.direction, then.client_id, then.server_round):
+        raise ValueError("combine_links: results of different links or rounds")
+    return replace(
+        first,
+        **{k: getattr(first, k) + getattr(then, k) for k in (
+            "payload_bits", "bits", "retransmitted_bits", "packets", "retransmissions", "attempts",
+            "lost_packets", "delay_s", "energy_j")},
+        delivered=first.delivered and then.delivered,
+    )
 
 
 def transmit(

@@ -51,11 +51,10 @@ from pwff_app.ppo import (
     format_prompt,
     generate_rollouts,
     load_alpaca,
-    logprobs_and_values,
+    exact_sequence_kl,
     make_optimizer,
     ppo_step,
-    reference_logprobs,
-    sequence_kl,
+    with_prefix,
 )
 from pwff_app.results import RunRecorder
 from pwff_app.sparse_attention import (
@@ -103,22 +102,25 @@ def _parse_weights(text: str) -> tuple[tuple[float, float], ...]:
 class InstructConfig:
     """The ``instruct.*`` run-config keys (PFIT and its contenders). Defaults fit 4 clients on 2 cores."""
 
-    num_rounds: int = 3
+    num_rounds: int = 5
     policy_name: str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
     max_new_tokens: int = 24
-    prompts_per_round: int = 16  # per client, split over ppo_steps rollout batches
-    ppo_steps: int = 2  # per round
-    ppo_epochs: int = 2  # PPO epochs per rollout batch (PPOConfig's 4 halves the cost of a round)
-    eval_prompts: int = 8  # fixed held-out prompts per client
+    prompts_per_round: int = 16  # distinct prompts per client, split over ppo_steps rollout batches
+    samples_per_prompt: int = 4  # responses sampled per prompt (group baseline, see ppo.group_baseline)
+    ppo_steps: int = 4  # per round
+    ppo_epochs: int = 4  # PPO epochs per rollout batch (cheap: the frozen prefix is computed once)
+    eval_prompts: int = 16  # fixed held-out prompts, the same for every client
+    eval_samples: int = 2  # sampled responses per held-out prompt
     sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
     mask_rule: str = "magnitude"
-    reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8), (0.5, 0.5), (0.8, 0.2))
+    reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8))  # helpful-heavy, safe-heavy
     reward_models: str = "both"  # both | helpfulness
     mu: float = 0.01
-    lr: float = 1e-5
+    lr: float = 1e-4
     kl_coef: float = 0.05
     lora_rank: int = 8  # LoRA rank when the method uses LoRA (shepherd)
     use_lora: bool = False  # set by the method: LoRA on the trainable blocks' attention, blocks frozen
+    personal_start: bool = True  # set by the method: a round starts from the client's own local model
     eval_seed: int = 1234
 
     @classmethod
@@ -140,12 +142,15 @@ class InstructConfig:
             policy_name=read_key(rc, "instruct.policy-name", str, d.policy_name),
             max_new_tokens=read_key(rc, "instruct.max-new-tokens", int, d.max_new_tokens),
             prompts_per_round=read_key(rc, "instruct.prompts-per-round", int, d.prompts_per_round),
+            samples_per_prompt=read_key(rc, "instruct.samples-per-prompt", int, d.samples_per_prompt),
             ppo_steps=read_key(rc, "instruct.ppo-steps", int, d.ppo_steps),
             ppo_epochs=read_key(rc, "instruct.ppo-epochs", int, d.ppo_epochs),
             eval_prompts=read_key(rc, "instruct.eval-prompts", int, d.eval_prompts),
+            eval_samples=read_key(rc, "instruct.eval-samples", int, d.eval_samples),
             sparsity=sparsity,
             mask_rule=read_key(rc, "instruct.mask-rule", str, d.mask_rule),
-            reward_weights=_parse_weights(read_key(rc, "instruct.reward-weights", str, "0.8:0.2,0.2:0.8,0.5:0.5,0.8:0.2")),
+            reward_weights=_parse_weights(read_key(rc, "instruct.reward-weights", str, ",".join(
+                f"{h}:{s}" for h, s in d.reward_weights))),
             reward_models=read_key(rc, "instruct.reward-models", str, d.reward_models),
             mu=read_key(rc, "instruct.mu", float, d.mu),
             lr=read_key(rc, "instruct.lr", float, d.lr),
@@ -154,8 +159,10 @@ class InstructConfig:
         )
         for key, value in [("instruct.num-rounds", cfg.num_rounds), ("instruct.max-new-tokens", cfg.max_new_tokens),
                            ("instruct.prompts-per-round", cfg.prompts_per_round),
+                           ("instruct.samples-per-prompt", cfg.samples_per_prompt),
                            ("instruct.ppo-steps", cfg.ppo_steps), ("instruct.ppo-epochs", cfg.ppo_epochs),
-                           ("instruct.eval-prompts", cfg.eval_prompts), ("instruct.lr", cfg.lr),
+                           ("instruct.eval-prompts", cfg.eval_prompts), ("instruct.eval-samples", cfg.eval_samples),
+                           ("instruct.lr", cfg.lr),
                            ("instruct.lora-rank", cfg.lora_rank)]:
             if value <= 0:
                 raise ConfigError(f"run config: '{key}' must be > 0, got {value!r}")
@@ -183,7 +190,7 @@ class InstructConfig:
         return self.lora_rank if self.use_lora else 0
 
     @property
-    def batch_size(self) -> int:
+    def prompts_per_step(self) -> int:
         return math.ceil(self.prompts_per_round / self.ppo_steps)
 
     def client_sparsity(self, client_id: int) -> float:
@@ -196,9 +203,10 @@ class InstructConfig:
         return self.reward_weights[client_id % len(self.reward_weights)]
 
     def ppo_config(self) -> PPOConfig:
-        b = self.batch_size
-        return PPOConfig(lr=self.lr, batch_size=b, mini_batch_size=min(4, b), ppo_epochs=self.ppo_epochs,
-                         kl_coef=self.kl_coef, mu=self.mu, max_new_tokens=self.max_new_tokens)
+        b = self.prompts_per_step * self.samples_per_prompt  # sequences per rollout batch
+        return PPOConfig(lr=self.lr, batch_size=b, mini_batch_size=min(8, b), ppo_epochs=self.ppo_epochs,
+                         kl_coef=self.kl_coef, mu=self.mu, max_new_tokens=self.max_new_tokens,
+                         samples_per_prompt=self.samples_per_prompt)
 
 
 # What each instruct method changes from the instruct.* settings (paper V-B, Fig. 4).
@@ -207,7 +215,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "pfl": {"sparsity": (0.0,)},  # paper's PFL: the same without sparse attention
     "sfl": {"sparsity": (0.2,), "reward_models": "helpfulness"},  # one reward model, 20 % sparse
     # Shepherd (Zhang et al. 2023): LoRA, FedAvg of LoRA, no personalisation, no proximal term.
-    "shepherd": {"sparsity": (0.0,), "reward_weights": ((0.5, 0.5),), "mu": 0.0, "use_lora": True},
+    "shepherd": {"sparsity": (0.0,), "reward_weights": ((0.5, 0.5),), "mu": 0.0, "use_lora": True,
+                 "personal_start": False},
 }
 
 
@@ -288,14 +297,19 @@ def _raw_prompt(record: Mapping[str, str]) -> str:
 
 def client_prompts(data_dir: Path | None, client_id: int, num_clients: int, seed: int,
                    n_eval: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out eval) Alpaca records of a client: a seeded shuffle of the short records,
-    cut into ``num_clients`` disjoint shares; the first ``n_eval`` of a share are its eval set."""
+    """(train, held-out eval) Alpaca records of a client.
+
+    A seeded shuffle of the short records; the first ``n_eval`` are the held-out set, the same
+    for every client (so clients with different reward weights can be compared on equal
+    prompts) and never trained on; the rest is cut into ``num_clients`` disjoint training shares.
+    """
     records = [r for r in load_alpaca(data_dir) if len(_raw_prompt(r)) <= MAX_PROMPT_CHARS]
     random.Random(seed).shuffle(records)
-    share = records[client_id::num_clients]
-    if len(share) <= n_eval:
-        raise ValueError(f"client {client_id}: only {len(share)} Alpaca prompts, {n_eval} needed for evaluation")
-    return share[n_eval:], share[:n_eval]
+    held_out, share = records[:n_eval], records[n_eval:][client_id::num_clients]
+    if len(held_out) < n_eval or not share:
+        raise ValueError(f"client {client_id}: {len(records)} Alpaca prompts cannot give {n_eval} held-out "
+                         f"prompts and a training share to each of {num_clients} clients")
+    return share, held_out
 
 
 def _round_prompts(train: list[dict], server_round: int, n: int) -> list[dict]:
@@ -331,6 +345,11 @@ def _score(rewards: Any, cfg: InstructConfig, client_id: int, raw: list[str],
     if cfg.reward_models == "both":
         combined = combined + w_safe * parts["safety"].float()
     return combined, parts
+
+
+def _local_model(private: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The client's personalised local model (trainable part) from its private state; {} if none yet."""
+    return {k[len(_LOCAL_PREFIX):]: v for k, v in (private or {}).items() if k.startswith(_LOCAL_PREFIX)}
 
 
 def _restore_value_head(policy: PolicyWithValue, private: Mapping[str, np.ndarray] | None) -> None:
@@ -369,15 +388,22 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     _check_global(incoming, bundle, method)
     global_params = {k: torch.from_numpy(np.array(v)) for k, v in incoming.items()}
-    load_trainable_state(lm, global_params)
+    store = PrivateStore(context, client_id)
+    private = store.load(upto_round=server_round - 1)
+    # PFIT keeps a personalised local model per client (paper IV-C): it continues from it and the
+    # proximal term pulls it toward the global; a non-personalised method starts from the global.
+    local = _local_model(private) if cfg.personal_start else {}
+    if local:
+        _check_global(local, bundle, method)
+    start = {k: torch.from_numpy(np.array(v)) for k, v in local.items()} if local else global_params
+    load_trainable_state(lm, start)
     s = cfg.client_sparsity(client_id)
     enable_sparse_attention(lm, bundle.blocks, s)
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
     m_seed = mask_seed(seed, client_id, server_round)
     masks = {} if cfg.use_lora else build_attention_masks(global_params, bundle.blocks, s, cfg.mask_rule, m_seed)
     policy.set_update_masks(masks)
-    store = PrivateStore(context, client_id)
-    _restore_value_head(policy, store.load(upto_round=server_round - 1))
+    _restore_value_head(policy, private)
 
     ppo = cfg.ppo_config()
     optimizer = make_optimizer(policy, ppo)  # fresh each round (see make_optimizer)
@@ -387,8 +413,9 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     torch.manual_seed(mask_seed(seed, client_id, server_round) + 17)
     attention_pair_counts(lm)  # reset the counters
     totals: dict[str, float] = {}
+    n = cfg.prompts_per_step
     for step in range(cfg.ppo_steps):
-        chunk = records[step * ppo.batch_size:(step + 1) * ppo.batch_size]
+        chunk = [r for r in records[step * n:(step + 1) * n] for _ in range(cfg.samples_per_prompt)]
         if not chunk:
             break
         prompts = [format_prompt(r["instruction"], r["input"], tok) for r in chunk]
@@ -402,11 +429,11 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     attended, visible = attention_pair_counts(lm)
     head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
 
-    local = trainable_state(lm)
-    private = {_VALUE_PREFIX + n: p.detach().numpy().copy() for n, p in policy.value_head.named_parameters()}
-    private.update({_LOCAL_PREFIX + n: v.numpy() for n, v in local.items()})
-    store.save(private, server_round)
-    packed = pack_sparse(local, masks)
+    trained = trainable_state(lm)
+    keep = {_VALUE_PREFIX + n: p.detach().numpy().copy() for n, p in policy.value_head.named_parameters()}
+    keep.update({_LOCAL_PREFIX + n: v.numpy() for n, v in trained.items()})
+    store.save(keep, server_round)
+    packed = pack_sparse(trained, masks)
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packed.items()}),
         "metrics": MetricRecord({
@@ -435,8 +462,7 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
     lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
 
-    private = PrivateStore(context, client_id).load(upto_round=server_round)
-    local = {k[len(_LOCAL_PREFIX):]: v for k, v in (private or {}).items() if k.startswith(_LOCAL_PREFIX)}
+    local = _local_model(PrivateStore(context, client_id).load(upto_round=server_round))
     if not local:  # no training yet on this client: the global it was sent
         local = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     _check_global(local, bundle, method)
@@ -446,13 +472,11 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
 
     _, held_out = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    held_out = [r for r in held_out for _ in range(cfg.eval_samples)]
     prompts = [format_prompt(r["instruction"], r["input"], tok) for r in held_out]
-    torch.manual_seed(cfg.eval_seed + client_id)  # same sampling noise every round
-    batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens)
-    with torch.no_grad():
-        logp, _ = logprobs_and_values(policy, batch)
-        logp_ref = reference_logprobs(bundle.ref, batch)
-    kl = float(sequence_kl(logp, logp_ref, batch.response_mask.float()).mean())
+    torch.manual_seed(cfg.eval_seed)  # the same sampling noise for every client and round
+    batch = with_prefix(policy, generate_rollouts(policy, tok, prompts, cfg.max_new_tokens))
+    kl = float(exact_sequence_kl(policy, bundle.ref, batch).mean())
     parts = load_rewards(data_dir).score([_raw_prompt(r) for r in held_out], batch.responses)
     w_help, w_safe = cfg.client_weights(client_id)
     help_, safe = float(parts["helpfulness"].mean()), float(parts["safety"].mean())
@@ -609,6 +633,10 @@ def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> d
         checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
         min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
     )
+    # Round 0: every client scores the pretrained policy on the held-out prompts, the baseline
+    # of its reward trajectory (Flower's loop evaluates on clients only after a round's training).
+    baseline = grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), grid))
+    strategy.aggregate_evaluate(0, baseline)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=icfg.num_rounds)
 
     private: dict[str, int] = {}

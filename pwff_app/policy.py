@@ -23,7 +23,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -189,21 +191,117 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref.requires_grad_(False)
 
 
+def frozen_prefix_blocks(model: nn.Module) -> int:
+    """How many leading transformer blocks have no trainable parameter (0 if the first one trains)."""
+    _, blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        if any(p.requires_grad for p in block.parameters()):
+            return i
+    return len(blocks)
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """Hidden state [B, T, hidden] entering block ``n_blocks``: what the frozen blocks 0..n-1 output.
+
+    PPO runs the same sequences through the policy 2 + epochs times and through the reference
+    once; the frozen prefix (28 of SmolLM2's 30 blocks) gives the same output every time and is
+    the same in the reference (a copy taken before training), so it is computed once per batch.
+    """
+
+    n_blocks: int
+    hidden: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> PrefixCache:
+        return PrefixCache(self.n_blocks, self.hidden[idx])
+
+
+class _PrefixDone(Exception):
+    """Stops a forward pass once the prefix output is captured."""
+
+
+class _Skip(nn.Module):
+    """Stands in for a cached frozen block: returns its input hidden state unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def _swap_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def prefix_hidden(
+    lm: PreTrainedModel,
+    n_blocks: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> PrefixCache:
+    """Run blocks 0..n_blocks-1 only (the pass stops at block ``n_blocks``) and keep their output."""
+    _, blocks = transformer_blocks(lm)
+    if not 0 < n_blocks < len(blocks):
+        raise ValueError(f"n_blocks must be in 1..{len(blocks) - 1}, got {n_blocks}")
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _PrefixDone
+
+    handle = blocks[n_blocks].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    except _PrefixDone:
+        pass
+    finally:
+        handle.remove()
+    return PrefixCache(n_blocks, captured[0].detach())
+
+
+@contextmanager
+def _replay_prefix(lm: PreTrainedModel, cache: PrefixCache) -> Iterator[None]:
+    """Within the block: blocks 0..n-1 are skipped and block n receives the cached hidden state.
+
+    Embeddings, masks and positions are still prepared by the model's own forward, so this
+    works for any architecture whose blocks take and return the hidden state tensor first
+    (Llama-style and GPT-2 in transformers 5; tested against the full forward).
+    """
+    _, blocks = transformer_blocks(lm)
+    saved = [blocks[i] for i in range(cache.n_blocks)]
+    for i in range(cache.n_blocks):
+        blocks[i] = _Skip()
+    handle = blocks[cache.n_blocks].register_forward_pre_hook(
+        lambda module, args, kwargs: _swap_hidden(args, kwargs, cache.hidden), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
 def final_hidden(
     lm: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     first: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """Last (final-normed) hidden state [B, T - first, hidden] at positions ``first..T-1``.
 
     Callers apply heads to this slice only: the vocab projection costs more than a whole
-    block, and PPO needs it only at the positions that predict response tokens.
+    block, and PPO needs it only at the positions that predict response tokens. With
+    ``prefix`` the frozen blocks it covers are not run again.
     """
-    return lm.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state[:, first:]
+    run = _replay_prefix(lm, prefix) if prefix is not None else nullcontext()
+    with run:
+        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
+    return out.last_hidden_state[:, first:]
 
 
 class PolicyWithValue(nn.Module):
@@ -229,9 +327,10 @@ class PolicyWithValue(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         first: int = 0,
+        prefix: PrefixCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T - first, V] and values [B, T - first] for positions ``first..T-1``."""
-        hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, first)
+        hidden = final_hidden(self.lm, input_ids, attention_mask, position_ids, first, prefix)
         return self.lm.get_output_embeddings()(hidden), self.value_head(hidden).squeeze(-1)
 
     def set_update_masks(self, masks: Mapping[str, torch.Tensor]) -> None:

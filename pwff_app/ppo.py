@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pwff_app.policy import PolicyWithValue, final_hidden
+from pwff_app.policy import PolicyWithValue, PrefixCache, final_hidden, frozen_prefix_blocks, prefix_hidden
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature; log-probs use the same one
     top_k: int = 0  # 0 = sample from the full distribution (keeps PPO on-policy)
     whiten_advantages: bool = True
+    samples_per_prompt: int = 1  # k > 1: rows come in groups of k per prompt; scores minus the group's RLOO baseline
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Rollouts:
     query_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
+    prefix: PrefixCache | None = None  # output of the frozen blocks, set by :func:`with_prefix`
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -75,6 +77,7 @@ class Rollouts:
         return Rollouts(
             [self.prompts[i] for i in rows], [self.responses[i] for i in rows],
             self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx],
+            self.prefix.select(idx) if self.prefix is not None else None,
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -172,6 +175,23 @@ def kl_penalty_rewards(
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
     return rewards
+
+
+def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Scores [B] minus the leave-one-out mean of the other samples of the same prompt (RLOO).
+
+    Rows come in consecutive groups of ``group_size`` responses to one prompt. The reward models
+    score prompts on very different levels (between-prompt variance is about half the total on
+    Alpaca), which a value head trained on a few dozen samples cannot learn; the baseline of the
+    same prompt's other samples removes it (Kool et al. 2019; Ahmadian et al. 2024, RLOO).
+    s_i - mean_{j != i} s_j = k / (k - 1) (s_i - mean_j s_j).
+    """
+    if group_size <= 1:
+        return scores
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.reshape(-1, group_size)
+    return ((groups - groups.mean(dim=1, keepdim=True)) * group_size / (group_size - 1)).flatten()
 
 
 def sequence_kl(logp_policy: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -272,17 +292,58 @@ def logprobs_and_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy log-probs and values [B, Lr] of the response tokens (position Lq-1+t predicts y_t)."""
     first = batch.query_ids.shape[1] - 1
-    logits, values = policy(**batch.model_inputs(), first=first)
+    logits, values = policy(**batch.model_inputs(), first=first, prefix=batch.prefix)
     return _response_logprobs(logits[:, :-1], batch.response_ids, temperature), values[:, :-1]
 
 
 @torch.no_grad()
 def reference_logprobs(ref_model: PreTrainedModel, batch: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """Reference-model log-probs [B, Lr] of the response tokens."""
+    """Reference-model log-probs [B, Lr] of the response tokens.
+
+    A ``batch.prefix`` is reused: the reference shares the policy's frozen blocks.
+    """
     first = batch.query_ids.shape[1] - 1
-    hidden = final_hidden(ref_model, **batch.model_inputs(), first=first)
+    hidden = final_hidden(ref_model, **batch.model_inputs(), first=first, prefix=batch.prefix)
     logits = ref_model.get_output_embeddings()(hidden[:, :-1])
     return _response_logprobs(logits, batch.response_ids, temperature)
+
+
+def with_prefix(policy: PolicyWithValue, batch: Rollouts) -> Rollouts:
+    """``batch`` carrying the output of the policy's frozen blocks, so later passes run only the rest.
+
+    Every later pass (old log-probs, values, the reference, each PPO epoch) then costs the
+    trainable blocks and the heads, not the whole network.
+    """
+    n = frozen_prefix_blocks(policy.lm)
+    if n == 0:
+        return batch
+    return replace(batch, prefix=prefix_hidden(policy.lm, n, **batch.model_inputs()))
+
+
+@torch.no_grad()
+def exact_sequence_kl(
+    policy: PolicyWithValue, ref_model: PreTrainedModel, batch: Rollouts, temperature: float = 1.0, chunk: int = 8
+) -> torch.Tensor:
+    """KL [B] summed over each response: sum_t KL(pi(.|x, y<t) || pi_ref(.|x, y<t)), in nats.
+
+    Exact over the vocabulary at every sampled prefix, so it is never negative and has far less
+    variance than the sampled-token estimate :func:`sequence_kl` (which PPO's reward uses).
+    Computed ``chunk`` sequences at a time: full [B, T, vocab] logits of two models are large.
+    """
+    out = []
+    for start in range(0, len(batch), chunk):
+        part = batch.select(torch.arange(start, min(start + chunk, len(batch))))
+        first = part.query_ids.shape[1] - 1
+        inputs = part.model_inputs()
+        head = policy.lm.get_output_embeddings()
+        logp = torch.log_softmax(head(final_hidden(policy.lm, **inputs, first=first, prefix=part.prefix)[:, :-1]).float()
+                                 / temperature, dim=-1)
+        ref_head = ref_model.get_output_embeddings()
+        logq = torch.log_softmax(ref_head(final_hidden(ref_model, **inputs, first=first, prefix=part.prefix)[:, :-1])
+                                 .float() / temperature, dim=-1)
+        per_token = (logp.exp() * (logp - logq)).sum(dim=-1)
+        out.append((per_token * part.response_mask).sum(dim=1))
+    return torch.cat(out)
 
 
 def make_optimizer(policy: PolicyWithValue, cfg: PPOConfig) -> torch.optim.Optimizer:
@@ -312,8 +373,15 @@ def ppo_step(
     masks are zeroed before the step. Dropout stays off, so the first epoch's ratio is 1.
     """
     policy.eval()
+    if batch.prefix is None:
+        batch = with_prefix(policy, batch)
     mask = batch.response_mask.float()
-    scores = scores.detach().float().flatten()
+    raw_scores = scores.detach().float().flatten()
+    if cfg.samples_per_prompt > 1:
+        k = cfg.samples_per_prompt
+        if len(batch) % k or any(len(set(batch.prompts[i:i + k])) != 1 for i in range(0, len(batch), k)):
+            raise ValueError(f"samples_per_prompt={k}: rows must come in groups of {k} with one prompt each")
+    scores = group_baseline(raw_scores, cfg.samples_per_prompt)
     with torch.no_grad():
         logp_old, values_old = logprobs_and_values(policy, batch, cfg.temperature)
         logp_ref = reference_logprobs(ref_model, batch, cfg.temperature)
@@ -352,9 +420,9 @@ def ppo_step(
         dist_sq = 2.0 * float(proximal_penalty(lm_params, global_params, 1.0)) if global_params is not None else 0.0
     stats.update({
         "objective/kl": float(kl.mean()),
-        "reward/score_mean": float(scores.mean()),
-        "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "reward/total_mean": float((rewards * mask).sum(dim=1).mean()),
+        "reward/score_mean": float(raw_scores.mean()),
+        "reward/score_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+        "reward/total_mean": float(raw_scores.mean() - cfg.kl_coef * kl.mean()),
         "reg/distance_sq": dist_sq,
         "reg/reward": -0.5 * cfg.mu * dist_sq,
         "returns/mean": float(masked_mean(returns, mask)),

@@ -121,7 +121,7 @@ class RunRecorder:
         """Write ``summary.json`` (recorder fields + ``summary``) and return its folder."""
         data = {
             "method": self.method,
-            "num_rounds": len(self.rounds),
+            "num_rounds": sum(1 for r in self.rounds if r["round"] > 0),  # round 0 = a baseline evaluation
             self.score_key: self.final_scores(),
             "comm": self.comm_block(),
             "wall_s": round(time.time() - self._started, 3),

@@ -31,7 +31,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from pwff_app.channel import ChannelConfig, LinkResult, ergodic_capacity_bps_per_hz, transmit
+from pwff_app.channel import ChannelConfig, LinkResult, combine_links, ergodic_capacity_bps_per_hz, transmit
 from pwff_app.payload import payload_bytes
 
 # Error codes of replies the channel produced (Flower's own codes are 0-8).
@@ -402,7 +402,8 @@ class WirelessGrid(Grid):
             server_round = int(config["server-round"])
             client_id = self._draw_client_id(node_id, nodes)
             link = transmit(8 * payload_bytes(msg.content), self.cfg, client_id, server_round, "down")
-            self._entry(server_round, node_id).down = link
+            entry = self._entry(server_round, node_id)
+            entry.down = combine_links(entry.down, link)  # several per round in split learning
             if not self.cfg.enabled:
                 to_send.append(msg)
             elif not link.delivered and self.cfg.downlink_miss == "skip":
@@ -443,8 +444,10 @@ class WirelessGrid(Grid):
             if server_round is None or (up is None and compute_s is None):
                 continue
             entry = self._entry(server_round, node_id)
-            entry.up = up
-            entry.compute_s = compute_s
+            if up is not None:
+                entry.up = combine_links(entry.up, up)
+            if compute_s is not None:
+                entry.compute_s = (entry.compute_s or 0.0) + compute_s
 
     def _latest_round_of(self, node_id: int) -> int | None:
         rounds = [r for r, nodes in self._rounds.items() if node_id in nodes]

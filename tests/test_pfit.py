@@ -65,7 +65,7 @@ def _rc(tmp_path: Path, method: str, run_name: str, **instruct) -> dict:
                "data-dir": str(tmp_path / "data"), "wireless.enabled": False,
                "instruct.num-rounds": 2, "instruct.max-new-tokens": 8, "instruct.prompts-per-round": 4,
                "instruct.ppo-steps": 1, "instruct.ppo-epochs": 1, "instruct.eval-prompts": 4,
-               "instruct.lr": 1e-3})
+               "instruct.samples-per-prompt": 2, "instruct.eval-samples": 1, "instruct.lr": 1e-3})
     rc.update({f"instruct.{k.replace('_', '-')}": v for k, v in instruct.items()})
     return rc
 
@@ -117,14 +117,20 @@ def test_client_prompts_disjoint_and_deterministic(tiny_pfit) -> None:
     assert pfit.client_prompts(data, 0, 2, 42, 4) == shares[0]
     key = lambda rs: {r["instruction"] for r in rs}  # noqa: E731
     (train0, eval0), (train1, eval1) = shares
-    assert len(eval0) == 4 and not key(eval0) & key(train0)
-    assert not (key(train0) | key(eval0)) & (key(train1) | key(eval1))
+    assert len(eval0) == 4 and eval0 == eval1  # one held-out set: clients compared on equal prompts
+    assert not key(eval0) & (key(train0) | key(train1))  # never trained on
+    assert not key(train0) & key(train1)
     assert key(pfit._round_prompts(train0, 1, 4)) != key(pfit._round_prompts(train0, 2, 4))
 
 
 def test_pfit_two_rounds_records_rewards_and_bytes(tiny_pfit) -> None:
     summary, rounds, grid = _run(_rc(tiny_pfit, "pfit", "s04", sparsity="0.4"))
-    assert len(rounds) == 2
+    assert [r["round"] for r in rounds] == [0, 1, 2] and summary["num_rounds"] == 2
+    baseline = rounds[0]  # every client scores the pretrained policy: identical, as prompts and seed are shared
+    assert set(baseline["clients"]) == {"0", "1"} and not baseline["uplink_bytes"]
+    assert baseline["clients"]["0"]["helpfulness"] == baseline["clients"]["1"]["helpfulness"]
+    assert baseline["clients"]["0"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    rounds = rounds[1:]
     for r in rounds:
         assert set(r["clients"]) == {"0", "1"} and r["reward_mean"] is not None and not r["events"]
         for c in r["clients"].values():
@@ -150,8 +156,8 @@ def test_pfit_two_rounds_records_rewards_and_bytes(tiny_pfit) -> None:
             sparse += (int(keep_count(p.numel(), 0.4)) if is_attention_param(n, blocks) else p.numel()) * 4
     assert rounds[0]["clients"]["0"]["uplink_bytes"] == sparse < dense
     summary0, rounds0, _ = _run(_rc(tiny_pfit, "pfl", "s0"))
-    assert rounds0[0]["clients"]["0"]["uplink_bytes"] == dense
-    assert rounds0[0]["clients"]["0"]["downlink_bytes"] == rounds[0]["clients"]["0"]["downlink_bytes"]
+    assert rounds0[1]["clients"]["0"]["uplink_bytes"] == dense
+    assert rounds0[1]["clients"]["0"]["downlink_bytes"] == rounds[0]["clients"]["0"]["downlink_bytes"]
 
     # frozen parameters untouched: the cached in-process policy's frozen part equals a fresh tiny Llama
     bundle = pfit._BUNDLES[("", 0)]
@@ -178,9 +184,9 @@ def test_sparse_reply_with_wrong_count_is_rejected(tiny_pfit) -> None:
     grid = InProcessGrid(rc, 2, app=_client_app(), tamper=tamper)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
     pfit.run_pfit(grid, cfg, ctx, recorder)
-    events = recorder.rounds[0]["events"]
+    events = recorder.rounds[1]["events"]
     assert [e["kind"] for e in events] == ["rejected"] and "q_proj" in events[0]["reason"]
-    assert set(recorder.rounds[0]["clients"]["1"]) >= {"combined"}  # evaluated nonetheless
+    assert set(recorder.rounds[1]["clients"]["1"]) >= {"combined"}  # evaluated nonetheless
 
 
 def test_shepherd_lora_uplink_is_lora_only(tiny_pfit) -> None:
@@ -189,7 +195,7 @@ def test_shepherd_lora_uplink_is_lora_only(tiny_pfit) -> None:
     bundle = pfit._BUNDLES[("", 8)]
     names = [n for n, p in bundle.lm.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
-    assert rounds[0]["clients"]["0"]["uplink_bytes"] == sum(
+    assert rounds[1]["clients"]["0"]["uplink_bytes"] == sum(
         p.numel() * 4 for n, p in bundle.lm.named_parameters() if p.requires_grad)
     assert summary["reward_weights"] == {"0": [0.5, 0.5], "1": [0.5, 0.5]}
 
@@ -209,8 +215,8 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
     recorder.extra["wireless"] = grid.round_stats
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
     summary = pfit.run_pfit(grid, cfg, ctx, recorder)
-    assert len(recorder.rounds) == 2
-    for r in recorder.rounds:
+    assert [r["round"] for r in recorder.rounds] == [0, 1, 2]
+    for r in recorder.rounds[1:]:
         assert "uplink_bytes" in r["clients"]["0"] and "wireless" in r
         kinds = {e["kind"] for e in r["events"]}
         assert kinds <= {"failed", "rejected", "eval-failed"}
@@ -218,10 +224,6 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
     assert "0" in summary["reward"]["per_client"]
 
 
-_WIRED = "pfit" in METHODS and "instruct.num-rounds" in app_defaults(ROOT)
-
-
-@pytest.mark.skipif(not _WIRED, reason="pfit not wired into methods.py / pyproject.toml / the apps yet")
 def test_real_server_and_client_apps(tiny_pfit) -> None:
     """The real ServerApp + ClientApp (mods included) dispatch instruct methods to pwff_app.pfit."""
     from tests.inprocess import run_server

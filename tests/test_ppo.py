@@ -12,6 +12,8 @@ from pwff_app.policy import (
     PolicyWithValue,
     freeze_all_but_last_blocks,
     frozen_copy,
+    load_trainable_state,
+    tiny_gpt2,
     tiny_llama,
     tiny_tokenizer,
     trainable_state,
@@ -19,18 +21,23 @@ from pwff_app.policy import (
 from pwff_app.ppo import (
     PPOConfig,
     clipped_surrogate_loss,
+    exact_sequence_kl,
     format_prompt,
     gae,
     generate_rollouts,
+    group_baseline,
     kl_penalty_rewards,
     load_alpaca,
+    logprobs_and_values,
     make_optimizer,
     ppo_step,
     proximal_penalty,
+    reference_logprobs,
     sequence_kl,
     truncate_after_eos,
     value_loss,
     whiten,
+    with_prefix,
 )
 from pwff_app.sparse_attention import build_attention_masks, enable_sparse_attention
 
@@ -182,3 +189,80 @@ def test_ppo_step_tiny_llama_updates_only_what_it_may() -> None:
     assert not torch.equal(policy.value_head.weight, head_before)
     for name, p in ref.named_parameters():
         assert torch.equal(p, before[name])
+
+
+def test_group_baseline_hand_computed() -> None:
+    # groups (1, 2, 6) and (0, 0, 3): leave-one-out means (4, 3.5, 1.5) and (1.5, 1.5, 0)
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    torch.testing.assert_close(group_baseline(scores, 3), torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    assert torch.equal(group_baseline(scores, 1), scores)
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_baseline(scores, 4)
+
+
+def _tiny_setup(make=tiny_llama):
+    torch.manual_seed(0)
+    lm, tok = make(), tiny_tokenizer()
+    blocks = freeze_all_but_last_blocks(lm, 2)
+    enable_sparse_attention(lm, blocks, 0.4)
+    ref = frozen_copy(lm)
+    policy = PolicyWithValue(lm)
+    prompts = [format_prompt(i, "", tok) for i in ("Say hi", "Say hi", "Why?", "Why?")]
+    batch = generate_rollouts(policy, tok, prompts, 6)
+    return lm, ref, policy, batch
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_prefix_cache_gives_the_same_numbers_and_the_same_step(make) -> None:
+    lm, ref, policy, batch = _tiny_setup(make)
+    cached = with_prefix(policy, batch)
+    assert cached.prefix.n_blocks == 2 and cached.prefix.hidden.shape[:2] == cached.model_inputs()["input_ids"].shape
+    for a, b in [(logprobs_and_values(policy, batch), logprobs_and_values(policy, cached)),
+                 ((reference_logprobs(ref, batch),), (reference_logprobs(ref, cached),))]:
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    part = cached.select(torch.tensor([2, 0]))  # minibatches slice the cache with the rows
+    torch.testing.assert_close(logprobs_and_values(policy, part)[0], logprobs_and_values(policy, cached)[0][[2, 0]])
+
+    # one PPO step from the same start, with and without the cache, lands on the same weights
+    cfg = PPOConfig(lr=1e-3, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6)
+    scores = torch.tensor([0.1, 0.7, -0.3, 0.4])
+    start = trainable_state(lm)
+    results = []
+    for b in (batch, cached):
+        load_trainable_state(lm, start)
+        torch.nn.init.zeros_(policy.value_head.weight), torch.nn.init.zeros_(policy.value_head.bias)
+        torch.manual_seed(1)  # same minibatch order
+        ppo_step(policy, ref, b, scores, cfg, make_optimizer(policy, cfg))
+        results.append(trainable_state(lm))
+    for name in start:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-6)
+        assert not torch.equal(results[0][name], start[name]) or "norm" in name
+
+
+def test_samples_per_prompt_needs_grouped_rows() -> None:
+    lm, ref, policy, batch = _tiny_setup()
+    cfg = PPOConfig(lr=1e-3, mini_batch_size=2, ppo_epochs=1, samples_per_prompt=2)
+    stats = ppo_step(policy, ref, batch, torch.tensor([1.0, 3.0, 0.0, 0.0]), cfg, make_optimizer(policy, cfg))
+    assert stats["reward/score_mean"] == pytest.approx(1.0)  # the raw scores are reported, not the centred ones
+    shuffled = batch.select(torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match="groups of 2"):
+        ppo_step(policy, ref, shuffled, torch.zeros(4), cfg, make_optimizer(policy, cfg))
+
+
+def test_exact_sequence_kl() -> None:
+    lm, ref, policy, batch = _tiny_setup()
+    torch.testing.assert_close(exact_sequence_kl(policy, ref, batch), torch.zeros(len(batch)), rtol=0, atol=1e-6)
+    with torch.no_grad():  # move the policy away from the reference
+        for p in policy.trainable_lm_params().values():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = exact_sequence_kl(policy, ref, with_prefix(policy, batch), chunk=3)
+    # brute force: the full next-token distributions of both models at every response position
+    first = batch.query_ids.shape[1] - 1
+    with torch.no_grad():
+        logits_p = policy(**batch.model_inputs(), first=first)[0][:, :-1].log_softmax(-1)
+        logits_q = ref(**batch.model_inputs()).logits[:, first:-1].log_softmax(-1)
+    want = (torch.nn.functional.kl_div(logits_q, logits_p, log_target=True, reduction="none").sum(-1)
+            * batch.response_mask).sum(1)
+    torch.testing.assert_close(kl, want, rtol=1e-5, atol=1e-6)
+    assert (kl > 0).all()
