@@ -348,13 +348,16 @@ def combine_links(first: LinkResult | None, then: LinkResult) -> LinkResult:
     Bits, packets, retransmissions, attempts, air time and energy add up; the exchange is
     delivered only if both messages were; rate, capacity and gain stay those of the first
     message. Split learning sends one message per batch each way, so its round is the sum.
+    The client id is the later result's: a server learns which client a node runs from its
+    first reply, so a round's first downlink may carry a stand-in id.
     """
     if first is None:
         return then
-    if (first.direction, first.client_id, first.server_round) != (then.direction, then.client_id, then.server_round):
-        raise ValueError("combine_links: results of different links or rounds")
+    if (first.direction, first.server_round) != (then.direction, then.server_round):
+        raise ValueError("combine_links: results of different directions or rounds")
     return replace(
         first,
+        client_id=then.client_id,
         **{k: getattr(first, k) + getattr(then, k) for k in (
             "payload_bits", "bits", "retransmitted_bits", "packets", "retransmissions", "attempts",
             "lost_packets", "delay_s", "energy_j")},

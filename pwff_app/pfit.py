@@ -110,7 +110,7 @@ class InstructConfig:
     ppo_steps: int = 4  # per round
     ppo_epochs: int = 4  # PPO epochs per rollout batch (cheap: the frozen prefix is computed once)
     eval_prompts: int = 16  # fixed held-out prompts, the same for every client
-    eval_samples: int = 2  # sampled responses per held-out prompt
+    eval_samples: int = 4  # sampled responses per held-out prompt
     sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
     mask_rule: str = "magnitude"
     reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8))  # helpful-heavy, safe-heavy

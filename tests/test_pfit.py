@@ -18,6 +18,7 @@ from pwff_app.methods import METHODS, _spec
 from pwff_app.policy import is_attention_param, tiny_llama, tiny_tokenizer
 from pwff_app.results import RunRecorder
 from pwff_app.sparse_attention import keep_count
+from pwff_app.state import PrivateStore
 from tests.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +85,11 @@ def _client_app(mods=()) -> ClientApp:
     return app
 
 
-def _run(rc: dict) -> tuple[dict, list[dict], InProcessGrid]:
+def _run(rc: dict, app: ClientApp | None = None) -> tuple[dict, list[dict], InProcessGrid]:
     cfg = RunConfig.from_run_config(rc)
     out = cfg.results_dir / cfg.run_name
     recorder = RunRecorder(out, cfg.method, score_key="reward")
-    grid = InProcessGrid(rc, cfg.num_clients, app=_client_app())
+    grid = InProcessGrid(rc, cfg.num_clients, app=app or _client_app())
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
     recorder.finish(pfit.run_pfit(grid, cfg, ctx, recorder))
     summary = json.loads((out / "summary.json").read_text())
@@ -237,3 +238,44 @@ def test_real_server_and_client_apps(tiny_pfit) -> None:
         assert set(summary["reward"]["per_client"]) == {"0", "1"} and summary["wireless"] == {"enabled": False}
         rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
         assert all(r["reward_mean"] is not None and not r["events"] for r in rounds)
+
+
+@pytest.mark.parametrize(("method", "personal"), [("pfit", True), ("shepherd", False)])
+def test_round_starts_from_own_local_model_or_the_global(tiny_pfit, monkeypatch, method, personal) -> None:
+    """PFIT clients continue their personalised model (the proximal term ties it to the global);
+    Shepherd, plain FedAvg of LoRA, starts every round from the global."""
+    starts, seen, current = {}, {}, {}
+    real_load = pfit.load_trainable_state
+
+    def spy(model, state):
+        if current and current["key"] not in starts:  # the first load of a train call = its start
+            starts[current["key"]] = {k: torch.as_tensor(np.asarray(v)).clone() for k, v in state.items()}
+        real_load(model, state)
+
+    monkeypatch.setattr(pfit, "load_trainable_state", spy)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        cid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+        local = pfit._local_model(PrivateStore(context, cid).load(upto_round=rnd - 1))
+        seen[(cid, rnd)] = ({k: torch.from_numpy(np.asarray(v)) for k, v in local.items()},
+                            {k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()})
+        current["key"] = (cid, rnd)
+        try:
+            return pfit.handle_pfit_train(msg, context)
+        finally:
+            current.clear()
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return pfit.handle_pfit_evaluate(msg, context)
+
+    _run(_rc(tiny_pfit, method, f"start-{method}"), app=app)
+    for cid in (0, 1):
+        local, glob = seen[(cid, 2)]
+        assert set(starts[(cid, 1)]) == set(glob) and all(torch.equal(starts[(cid, 1)][k], v)
+                                                           for k, v in seen[(cid, 1)][1].items())
+        want = local if personal else glob
+        assert local and all(torch.equal(starts[(cid, 2)][k], want[k]) for k in glob)
+        assert any(not torch.equal(local[k], glob[k]) for k in glob)  # the two really differ

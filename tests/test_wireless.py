@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from pwff_app import wireless
-from pwff_app.channel import ChannelConfig, LinkResult, transmit
+from pwff_app.channel import ChannelConfig, LinkResult, combine_links, transmit
 from pwff_app.wireless import (
     DOWNLINK_LOST,
     DOWNLINK_LOST_FLAG,
@@ -375,3 +375,29 @@ def test_summarize_round_and_summary_block_by_hand() -> None:
     assert block["total_energy_j"] == pytest.approx(r1["energy_j"] + r2["energy_j"])
     assert block["ergodic_uplink_delay_s"] > 0 and block["config"]["wireless.loss-model"] == "packet"
     json.dumps(block)  # summary.json material
+
+
+def test_combine_links_adds_up_one_rounds_exchanges() -> None:
+    a, b = fake_link("up", 2.0, retx_bits=800), fake_link("up", 3.0, delivered=False)
+    both = combine_links(a, b)
+    assert combine_links(None, a) is a
+    assert both.delay_s == 5.0 and both.energy_j == pytest.approx(a.energy_j + b.energy_j)
+    assert both.bits == a.bits + b.bits and both.retransmitted_bits == 800 and not both.delivered
+    assert both.gain == a.gain and both.rate_bps == a.rate_bps  # the first message's channel
+    with pytest.raises(ValueError, match="different"):
+        combine_links(a, fake_link("down", 1.0))
+
+
+def test_split_learning_round_counts_every_exchange() -> None:
+    """Several train exchanges per node and round (split learning): the round's stats are their sum."""
+    inner, grid = make_grid({11: 0}, snr_db="40")
+    single = make_grid({11: 0}, snr_db="40")[1]
+    single.send_and_receive(broadcast(1, [11])[1])
+    one = single.round_stats(1)["clients"]["0"]
+    for _ in range(3):
+        grid.send_and_receive(broadcast(1, [11])[1])
+    row = grid.round_stats(1)["clients"]["0"]
+    assert row["bits_down"] > 2 * one["bits_down"] and row["bits_up"] > 2 * one["bits_up"]
+    assert row["compute_s"] == pytest.approx(3 * 1.5)
+    assert row["latency_s"] == pytest.approx(row["delay_down_s"] + row["compute_s"] + row["delay_up_s"])
+    assert row["delay_up_s"] > one["delay_up_s"]
