@@ -262,6 +262,30 @@ def prefix_hidden(
 
 
 @contextmanager
+def recording_prefix(lm: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward's hidden state entering the first trainable block is kept.
+
+    Sampling runs the frozen blocks over every query and response position anyway (prefill,
+    then one position per decoding step); recorded there, PPO need not run them again. Yields
+    the list the chunks [B, t, hidden] are appended to, in call order; empty when no leading
+    block is frozen (or none trains).
+    """
+    _, blocks = transformer_blocks(lm)
+    n = frozen_prefix_blocks(lm)
+    chunks: list[torch.Tensor] = []
+    if not 0 < n < len(blocks):
+        yield chunks
+        return
+    handle = blocks[n].register_forward_pre_hook(
+        lambda module, args, kwargs: chunks.append((args[0] if args else kwargs["hidden_states"]).detach()),
+        with_kwargs=True)
+    try:
+        yield chunks
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def _replay_prefix(lm: PreTrainedModel, cache: PrefixCache) -> Iterator[None]:
     """Within the block: blocks 0..n-1 are skipped and block n receives the cached hidden state.
 

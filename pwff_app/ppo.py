@@ -17,6 +17,7 @@ w_help * R_help + w_safe * R_safe for one client.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -25,9 +26,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from pwff_app.policy import PolicyWithValue, PrefixCache, final_hidden, frozen_prefix_blocks, prefix_hidden
+from pwff_app.policy import (
+    PolicyWithValue,
+    PrefixCache,
+    final_hidden,
+    frozen_prefix_blocks,
+    prefix_hidden,
+    recording_prefix,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class Rollouts:
     query_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-    prefix: PrefixCache | None = None  # output of the frozen blocks, set by :func:`with_prefix`
+    prefix: PrefixCache | None = None  # output of the frozen blocks: recorded while sampling, or :func:`with_prefix`
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -260,25 +268,56 @@ def generate_rollouts(
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_k: int = 0,
+    samples_per_prompt: int = 1,
 ) -> Rollouts:
-    """Sample one response per prompt (batched, left padding, KV cache). Seed torch for reproducibility.
+    """Sample ``samples_per_prompt`` responses per prompt (batched, left padding, KV cache).
+
+    Rows come out in consecutive groups of ``samples_per_prompt``, one group per prompt (the
+    layout :func:`group_baseline` expects). With several samples the prompts are prefilled once
+    and their KV cache is copied to every sample: the prompt (chat template included) is most of
+    the tokens, so this saves most of the generation compute. The hidden states entering the
+    first trainable block are recorded on the way (``Rollouts.prefix``), so PPO's passes over
+    the batch skip the frozen blocks without running them again. Seed torch for reproducibility.
 
     Prompts are full strings (see :func:`format_prompt`); a chat template already holds the
     special tokens, so none are added then.
     """
     lm = policy.lm if isinstance(policy, PolicyWithValue) else policy
     lm.eval()
+    k = samples_per_prompt
+    if k < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {k}")
     enc = tokenizer(
         list(prompts), return_tensors="pt", padding=True, padding_side="left",
         add_special_tokens=not tokenizer.chat_template,
     )
-    out = lm.generate(
-        **enc, do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=1.0,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    response, mask = truncate_after_eos(out[:, enc["input_ids"].shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ids, attn = enc["input_ids"], enc["attention_mask"]
+    extra = {}
+    with recording_prefix(lm) as chunks:
+        if k > 1:
+            if ids.shape[1] > 1:  # prefill all but the last prompt token; generate continues from there
+                cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+                cache = DynamicCache()
+                lm(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                   position_ids=(attn[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True, **{cache_arg: cache})
+                cache.batch_repeat_interleave(k)
+                extra[cache_arg] = cache
+                chunks[0] = chunks[0].repeat_interleave(k, dim=0)
+            ids, attn = ids.repeat_interleave(k, dim=0), attn.repeat_interleave(k, dim=0)
+        out = lm.generate(
+            input_ids=ids, attention_mask=attn, do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra,
+        )
+    response, mask = truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return Rollouts(list(prompts), texts, enc["input_ids"], enc["attention_mask"], response, mask)
+    prefix = None
+    if chunks:
+        # Every position but the last was fed to the model (the last sampled token never is);
+        # nothing reads the last position's output (it predicts past the response), so zeros.
+        hidden = torch.cat(chunks, dim=1)
+        pad = out.shape[1] - hidden.shape[1]
+        prefix = PrefixCache(frozen_prefix_blocks(lm), torch.cat([hidden, hidden.new_zeros(len(out), pad, hidden.shape[2])], 1))
+    return Rollouts([p for p in prompts for _ in range(k)], texts, ids, attn, response, mask, prefix)
 
 
 def _response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -312,10 +351,11 @@ def with_prefix(policy: PolicyWithValue, batch: Rollouts) -> Rollouts:
     """``batch`` carrying the output of the policy's frozen blocks, so later passes run only the rest.
 
     Every later pass (old log-probs, values, the reference, each PPO epoch) then costs the
-    trainable blocks and the heads, not the whole network.
+    trainable blocks and the heads, not the whole network. A batch that already carries it
+    (recorded while sampling, see :func:`generate_rollouts`) is returned as it is.
     """
     n = frozen_prefix_blocks(policy.lm)
-    if n == 0:
+    if n == 0 or batch.prefix is not None:
         return batch
     return replace(batch, prefix=prefix_hidden(policy.lm, n, **batch.model_inputs()))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -214,29 +215,35 @@ def _tiny_setup(make=tiny_llama):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_prefix_cache_gives_the_same_numbers_and_the_same_step(make) -> None:
-    lm, ref, policy, batch = _tiny_setup(make)
-    cached = with_prefix(policy, batch)
-    assert cached.prefix.n_blocks == 2 and cached.prefix.hidden.shape[:2] == cached.model_inputs()["input_ids"].shape
-    for a, b in [(logprobs_and_values(policy, batch), logprobs_and_values(policy, cached)),
-                 ((reference_logprobs(ref, batch),), (reference_logprobs(ref, cached),))]:
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    lm, ref, policy, recorded = _tiny_setup(make)
+    plain = replace(recorded, prefix=None)  # every pass runs the whole network
+    cached = with_prefix(policy, plain)  # the frozen blocks run once, over the whole sequences
+    assert with_prefix(policy, recorded) is recorded  # recorded while sampling: nothing to run
+    for batch in (cached, recorded):
+        assert batch.prefix.n_blocks == 2 and batch.prefix.hidden.shape[:2] == batch.model_inputs()["input_ids"].shape
+    # Sampling fed every position but the last one through the frozen blocks (KV cache: the same numbers).
+    torch.testing.assert_close(recorded.prefix.hidden[:, :-1], cached.prefix.hidden[:, :-1], rtol=0, atol=1e-5)
+    for batch in (cached, recorded):
+        for a, b in [(logprobs_and_values(policy, plain), logprobs_and_values(policy, batch)),
+                     ((reference_logprobs(ref, plain),), (reference_logprobs(ref, batch),))]:
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
     part = cached.select(torch.tensor([2, 0]))  # minibatches slice the cache with the rows
     torch.testing.assert_close(logprobs_and_values(policy, part)[0], logprobs_and_values(policy, cached)[0][[2, 0]])
 
-    # one PPO step from the same start, with and without the cache, lands on the same weights
+    # one PPO step from the same start, from the recorded and the recomputed prefix, lands on the same weights
     cfg = PPOConfig(lr=1e-3, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6)
     scores = torch.tensor([0.1, 0.7, -0.3, 0.4])
     start = trainable_state(lm)
     results = []
-    for b in (batch, cached):
+    for b in (recorded, cached):
         load_trainable_state(lm, start)
         torch.nn.init.zeros_(policy.value_head.weight), torch.nn.init.zeros_(policy.value_head.bias)
         torch.manual_seed(1)  # same minibatch order
         ppo_step(policy, ref, b, scores, cfg, make_optimizer(policy, cfg))
         results.append(trainable_state(lm))
     for name in start:
-        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-5)
         assert not torch.equal(results[0][name], start[name]) or "norm" in name
 
 
@@ -266,3 +273,23 @@ def test_exact_sequence_kl() -> None:
             * batch.response_mask).sum(1)
     torch.testing.assert_close(kl, want, rtol=1e-5, atol=1e-6)
     assert (kl > 0).all()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_shared_prefill_samples_what_repeated_prompts_sample(make) -> None:
+    """k samples per prompt from one prefill = the same k prompts generated row by row
+    (same seed: the sampler draws the same numbers; only the prompt's KV cache is shared)."""
+    torch.manual_seed(0)
+    lm, tok = make(), tiny_tokenizer()
+    enable_sparse_attention(lm, freeze_all_but_last_blocks(lm, 2), 0.4)
+    prompts = [format_prompt(i, "", tok) for i in ("Say hi", "Count to three please", "Why?")]
+    torch.manual_seed(1)
+    plain = generate_rollouts(lm, tok, [p for p in prompts for _ in range(3)], 6)
+    torch.manual_seed(1)
+    shared = generate_rollouts(lm, tok, prompts, 6, samples_per_prompt=3)
+    assert shared.prompts == plain.prompts and shared.responses == plain.responses
+    for a, b in [(shared.query_ids, plain.query_ids), (shared.response_ids, plain.response_ids),
+                 (shared.response_mask, plain.response_mask)]:
+        assert torch.equal(a, b)
+    assert len(set(shared.responses[:3])) > 1  # the samples of one prompt really differ
+    torch.testing.assert_close(shared.prefix.hidden, plain.prefix.hidden, rtol=0, atol=1e-5)

@@ -1,0 +1,97 @@
+"""Wall time of one PFIT PPO step by where the frozen blocks' output comes from; prints a table.
+
+    python benchmarks/ppo_step.py                 # SmolLM2-135M-Instruct (offline package), 1 thread
+    python benchmarks/ppo_step.py --policy gpt2 --threads 2 --repeats 3
+
+All variants run the same rollout batch from the same weights (4 prompts x 4 samples, 24 new
+tokens, 4 epochs of minibatches of 8, as ``instruct.*`` defaults), so the difference is only the
+frozen blocks: run in every pass ("no cache": old log-probs, reference, every epoch), run once
+per batch at the start of the step ("recomputed prefix", ``with_prefix``), or not at all because
+sampling recorded their output ("recorded prefix", what PFIT does). The resulting weights are
+compared too: where the prefix comes from must not change the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from pwff_app.pfit import client_prompts, get_bundle
+from pwff_app.policy import frozen_prefix_blocks, load_trainable_state, trainable_state
+from pwff_app.ppo import PPOConfig, format_prompt, generate_rollouts, make_optimizer, ppo_step
+from pwff_app.sparse_attention import build_attention_masks, enable_sparse_attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default="", help="policy id or path ('' = SmolLM2-135M-Instruct)")
+    parser.add_argument("--data-dir", default=None, help="folder with alpaca/ (default: PWFF_DATA_DIR)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sparsity", type=float, default=0.4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    bundle = get_bundle(args.policy)
+    lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
+    enable_sparse_attention(lm, bundle.blocks, args.sparsity)
+    enable_sparse_attention(bundle.ref, bundle.blocks, args.sparsity)
+    start = trainable_state(lm)
+    policy.set_update_masks(build_attention_masks(start, bundle.blocks, args.sparsity))
+    cfg = PPOConfig(lr=1e-4, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=24, samples_per_prompt=4)
+    train, _ = client_prompts(args.data_dir, 0, 4, 0, 16)
+    prompts = [format_prompt(r["instruction"], r["input"], tok) for r in train[:4]]
+    torch.manual_seed(0)
+    batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt)
+    scores = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+
+    plain = replace(batch, prefix=None)
+    times: dict[str, list[float]] = {"no cache": [], "recomputed prefix": [], "recorded prefix": []}
+    weights = {}
+    for _ in range(args.repeats):
+        for name in times:
+            load_trainable_state(lm, start)
+            torch.nn.init.zeros_(policy.value_head.weight)
+            torch.nn.init.zeros_(policy.value_head.bias)
+            torch.manual_seed(1)
+            t = time.perf_counter()
+            if name == "no cache":
+                _run_uncached(policy, bundle.ref, plain, scores, cfg, start)
+            else:
+                ppo_step(policy, bundle.ref, batch if name == "recorded prefix" else plain, scores, cfg,
+                         make_optimizer(policy, cfg), start)
+            times[name].append(time.perf_counter() - t)
+            weights[name] = trainable_state(lm)
+    drift = max(float((weights["no cache"][k] - w[k]).abs().max()) for w in weights.values() for k in start)
+
+    n_blocks = len(bundle.blocks) + frozen_prefix_blocks(lm)
+    print(f"policy {args.policy or 'SmolLM2-135M-Instruct'}: {frozen_prefix_blocks(lm)} of {n_blocks} blocks frozen; "
+          f"batch {len(batch)} x {batch.response_ids.shape[1]} tokens; {cfg.ppo_epochs} epochs; "
+          f"{args.threads} thread(s); {args.repeats} repeats")
+    print(f"{'variant':<18} {'ppo_step (s), median':>22} {'min':>8}")
+    for name, ts in times.items():
+        print(f"{name:<18} {statistics.median(ts):>22.2f} {min(ts):>8.2f}")
+    base = statistics.median(times["no cache"])
+    print(f"speed-up vs no cache: recomputed {base / statistics.median(times['recomputed prefix']):.2f}x, "
+          f"recorded {base / statistics.median(times['recorded prefix']):.2f}x; "
+          f"max |weight difference| after the step {drift:.2e}")
+
+
+def _run_uncached(policy, ref, batch, scores, cfg, start) -> None:
+    """``ppo_step`` with the cache switched off: every pass runs the whole network."""
+    import pwff_app.ppo as ppo
+
+    real = ppo.with_prefix
+    ppo.with_prefix = lambda policy, batch: batch
+    try:
+        ppo_step(policy, ref, batch, scores, cfg, make_optimizer(policy, cfg), start)
+    finally:
+        ppo.with_prefix = real
+
+
+if __name__ == "__main__":
+    main()
