@@ -302,7 +302,8 @@ def generate_rollouts(
                    position_ids=(attn[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True, **{cache_arg: cache})
                 cache.batch_repeat_interleave(k)
                 extra[cache_arg] = cache
-                chunks[0] = chunks[0].repeat_interleave(k, dim=0)
+                if chunks:  # the prefill's recorded prefix, one copy per sample
+                    chunks[0] = chunks[0].repeat_interleave(k, dim=0)
             ids, attn = ids.repeat_interleave(k, dim=0), attn.repeat_interleave(k, dim=0)
         out = lm.generate(
             input_ids=ids, attention_mask=attn, do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -315,8 +316,8 @@ def generate_rollouts(
         # Every position but the last was fed to the model (the last sampled token never is);
         # nothing reads the last position's output (it predicts past the response), so zeros.
         hidden = torch.cat(chunks, dim=1)
-        pad = out.shape[1] - hidden.shape[1]
-        prefix = PrefixCache(frozen_prefix_blocks(lm), torch.cat([hidden, hidden.new_zeros(len(out), pad, hidden.shape[2])], 1))
+        last = hidden.new_zeros(len(out), out.shape[1] - hidden.shape[1], hidden.shape[2])
+        prefix = PrefixCache(frozen_prefix_blocks(lm), torch.cat([hidden, last], dim=1))
     return Rollouts([p for p in prompts for _ in range(k)], texts, ids, attn, response, mask, prefix)
 
 

@@ -293,3 +293,6 @@ def test_shared_prefill_samples_what_repeated_prompts_sample(make) -> None:
         assert torch.equal(a, b)
     assert len(set(shared.responses[:3])) > 1  # the samples of one prompt really differ
     torch.testing.assert_close(shared.prefix.hidden, plain.prefix.hidden, rtol=0, atol=1e-5)
+    for p in lm.parameters():  # every block trains: nothing frozen to record, PPO runs the whole network
+        p.requires_grad_(True)
+    assert generate_rollouts(lm, tok, prompts, 6, samples_per_prompt=2).prefix is None
