@@ -107,7 +107,7 @@ class InstructConfig:
     prompts_per_round: int = 16  # distinct prompts per client, split over ppo_steps rollout batches
     samples_per_prompt: int = 4  # responses sampled per prompt (group baseline, see ppo.group_baseline)
     ppo_steps: int = 4  # per round
-    ppo_epochs: int = 4  # PPO epochs per rollout batch (cheap: the frozen prefix is computed once)
+    ppo_epochs: int = 4  # PPO epochs per rollout batch (cheap: the frozen blocks ran once, while sampling)
     eval_prompts: int = 16  # fixed held-out prompts, the same for every client
     eval_samples: int = 4  # sampled responses per held-out prompt
     sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
