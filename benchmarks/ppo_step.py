@@ -4,11 +4,11 @@
     python benchmarks/ppo_step.py --policy gpt2 --threads 2 --repeats 3
 
 All variants run the same rollout batch from the same weights (4 prompts x 4 samples, 24 new
-tokens, 4 epochs of minibatches of 8, as ``instruct.*`` defaults), so the difference is only the
-frozen blocks: run in every pass ("no cache": old log-probs, reference, every epoch), run once
-per batch at the start of the step ("recomputed prefix", ``with_prefix``), or not at all because
-sampling recorded their output ("recorded prefix", what PFIT does). The resulting weights are
-compared too: where the prefix comes from must not change the step.
+tokens, 4 epochs of minibatches of 8: the ``instruct.*`` batch with twice the default epochs),
+so the difference is only the frozen blocks: run in every pass ("no cache": old log-probs,
+reference, every epoch), run once per batch at the start of the step ("recomputed prefix",
+``with_prefix``), or not at all because sampling recorded their output ("recorded prefix", what
+PFIT does). The resulting weights are compared too: where the prefix comes from must not change the step.
 """
 
 from __future__ import annotations

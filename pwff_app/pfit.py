@@ -101,13 +101,13 @@ def _parse_weights(text: str) -> tuple[tuple[float, float], ...]:
 class InstructConfig:
     """The ``instruct.*`` run-config keys (PFIT and its contenders). Defaults fit 4 clients on 2 cores."""
 
-    num_rounds: int = 5
+    num_rounds: int = 6
     policy_name: str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
     max_new_tokens: int = 24
     prompts_per_round: int = 16  # distinct prompts per client, split over ppo_steps rollout batches
     samples_per_prompt: int = 4  # responses sampled per prompt (group baseline, see ppo.group_baseline)
     ppo_steps: int = 4  # per round
-    ppo_epochs: int = 4  # PPO epochs per rollout batch (cheap: the frozen blocks ran once, while sampling)
+    ppo_epochs: int = 2  # PPO epochs per rollout batch (cheap: the frozen blocks ran once, while sampling)
     eval_prompts: int = 16  # fixed held-out prompts, the same for every client
     eval_samples: int = 4  # sampled responses per held-out prompt
     sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
@@ -115,8 +115,10 @@ class InstructConfig:
     reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8))  # helpful-heavy, safe-heavy
     reward_models: str = "both"  # both | helpfulness
     mu: float = 0.01
-    lr: float = 1e-4
+    lr: float = 2e-4
     kl_coef: float = 0.05
+    temperature: float = 1.0  # sampling temperature of rollouts and held-out evaluation (log-probs use it too)
+    gae_lambda: float = 0.95  # GAE lambda; 1 = every response token gets the whole terminal score
     lora_rank: int = 8  # LoRA rank when the method uses LoRA (shepherd)
     use_lora: bool = False  # set by the method: LoRA on the trainable blocks' attention, blocks frozen
     personal_start: bool = True  # set by the method: a round starts from the client's own local model
@@ -154,6 +156,8 @@ class InstructConfig:
             mu=read_key(rc, "instruct.mu", float, d.mu),
             lr=read_key(rc, "instruct.lr", float, d.lr),
             kl_coef=read_key(rc, "instruct.kl-coef", float, d.kl_coef),
+            temperature=read_key(rc, "instruct.temperature", float, d.temperature),
+            gae_lambda=read_key(rc, "instruct.gae-lambda", float, d.gae_lambda),
             lora_rank=read_key(rc, "instruct.lora-rank", int, 8),
         )
         for key, value in [("instruct.num-rounds", cfg.num_rounds), ("instruct.max-new-tokens", cfg.max_new_tokens),
@@ -161,13 +165,15 @@ class InstructConfig:
                            ("instruct.samples-per-prompt", cfg.samples_per_prompt),
                            ("instruct.ppo-steps", cfg.ppo_steps), ("instruct.ppo-epochs", cfg.ppo_epochs),
                            ("instruct.eval-prompts", cfg.eval_prompts), ("instruct.eval-samples", cfg.eval_samples),
-                           ("instruct.lr", cfg.lr),
+                           ("instruct.lr", cfg.lr), ("instruct.temperature", cfg.temperature),
                            ("instruct.lora-rank", cfg.lora_rank)]:
             if value <= 0:
                 raise ConfigError(f"run config: '{key}' must be > 0, got {value!r}")
         for key, value in [("instruct.mu", cfg.mu), ("instruct.kl-coef", cfg.kl_coef)]:
             if value < 0:
                 raise ConfigError(f"run config: '{key}' must be >= 0, got {value!r}")
+        if not 0.0 <= cfg.gae_lambda <= 1.0:
+            raise ConfigError(f"run config: 'instruct.gae-lambda' must be in [0, 1], got {cfg.gae_lambda!r}")
         if cfg.prompts_per_round < cfg.ppo_steps:
             raise ConfigError(f"run config: 'instruct.prompts-per-round' ({cfg.prompts_per_round}) must be >= "
                               f"'instruct.ppo-steps' ({cfg.ppo_steps})")
@@ -205,6 +211,7 @@ class InstructConfig:
         b = self.prompts_per_step * self.samples_per_prompt  # sequences per rollout batch
         return PPOConfig(lr=self.lr, batch_size=b, mini_batch_size=min(8, b), ppo_epochs=self.ppo_epochs,
                          kl_coef=self.kl_coef, mu=self.mu, max_new_tokens=self.max_new_tokens,
+                         temperature=self.temperature, lam=self.gae_lambda,
                          samples_per_prompt=self.samples_per_prompt)
 
 
@@ -476,11 +483,12 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     held_out = [r for r in prompts_held_out for _ in range(cfg.eval_samples)]
     prompts = [format_prompt(r["instruction"], r["input"], tok) for r in prompts_held_out]
     torch.manual_seed(cfg.eval_seed)  # the same sampling noise for every client and round
-    batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens, samples_per_prompt=cfg.eval_samples)
+    batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
+                              samples_per_prompt=cfg.eval_samples)
     # KL on the first sample of each prompt: it sums the full-vocabulary KL at every position,
     # so it varies little, and two vocabulary projections per token are not cheap.
     first = batch.select(torch.arange(0, len(batch), cfg.eval_samples))
-    kl = float(exact_sequence_kl(policy, bundle.ref, first).mean())
+    kl = float(exact_sequence_kl(policy, bundle.ref, first, cfg.temperature).mean())
     parts = load_rewards(data_dir).score([_raw_prompt(r) for r in held_out], batch.responses)
     w_help, w_safe = cfg.client_weights(client_id)
     help_, safe = float(parts["helpfulness"].mean()), float(parts["safety"].mean())

@@ -105,11 +105,18 @@ def test_config_validation() -> None:
     for key, bad in [("instruct.sparsity", "1.0"), ("instruct.sparsity", "-0.1"), ("instruct.mask-rule", "topk"),
                      ("instruct.reward-weights", "0.5"), ("instruct.reward-weights", "a:b"),
                      ("instruct.reward-models", "safety"), ("instruct.mu", -1.0), ("instruct.ppo-steps", 0),
-                     ("instruct.lr", "x")]:
+                     ("instruct.lr", "x"), ("instruct.gae-lambda", 1.5), ("instruct.temperature", 0.0)]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             pfit.InstructConfig.from_run_config({key: bad})
     assert pfit.InstructConfig().for_method("sfl").client_weights(1) == (1.0, 0.0)
     assert pfit.InstructConfig().for_method("pfl").sparsity == (0.0,)
+    ppo = pfit.InstructConfig.from_run_config({"instruct.temperature": 0.7, "instruct.gae-lambda": 1.0}).ppo_config()
+    assert (ppo.temperature, ppo.lam) == (0.7, 1.0)
+
+
+def test_pyproject_instruct_defaults_match_the_dataclass() -> None:
+    """`flwr run` reads pyproject, library callers the dataclass: the two defaults must be one."""
+    assert pfit.InstructConfig.from_run_config(app_defaults(ROOT)) == pfit.InstructConfig()
 
 
 def test_client_prompts_disjoint_and_deterministic(tiny_pfit) -> None:
