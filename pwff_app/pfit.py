@@ -101,7 +101,7 @@ def _parse_weights(text: str) -> tuple[tuple[float, float], ...]:
 class InstructConfig:
     """The ``instruct.*`` run-config keys (PFIT and its contenders). Defaults fit 4 clients on 2 cores."""
 
-    num_rounds: int = 6
+    num_rounds: int = 5
     policy_name: str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
     max_new_tokens: int = 24
     prompts_per_round: int = 16  # distinct prompts per client, split over ppo_steps rollout batches
@@ -109,7 +109,7 @@ class InstructConfig:
     ppo_steps: int = 4  # per round
     ppo_epochs: int = 2  # PPO epochs per rollout batch (cheap: the frozen blocks ran once, while sampling)
     eval_prompts: int = 16  # fixed held-out prompts, the same for every client
-    eval_samples: int = 4  # sampled responses per held-out prompt
+    eval_samples: int = 8  # sampled responses per held-out prompt
     sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
     mask_rule: str = "magnitude"
     reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8))  # helpful-heavy, safe-heavy
@@ -117,8 +117,8 @@ class InstructConfig:
     mu: float = 0.01
     lr: float = 2e-4
     kl_coef: float = 0.05
-    temperature: float = 1.0  # sampling temperature of rollouts and held-out evaluation (log-probs use it too)
-    gae_lambda: float = 0.95  # GAE lambda; 1 = every response token gets the whole terminal score
+    temperature: float = 0.7  # sampling temperature of rollouts and held-out evaluation (log-probs use it too)
+    gae_lambda: float = 1.0  # GAE lambda; 1 = every response token gets the whole terminal score
     lora_rank: int = 8  # LoRA rank when the method uses LoRA (shepherd)
     use_lora: bool = False  # set by the method: LoRA on the trainable blocks' attention, blocks frozen
     personal_start: bool = True  # set by the method: a round starts from the client's own local model
