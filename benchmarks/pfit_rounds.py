@@ -1,7 +1,7 @@
 """Held-out reward trajectory of an instruct-family run, in one process; prints a table.
 
     python benchmarks/pfit_rounds.py                                  # pfit, 2 clients, pyproject defaults
-    python benchmarks/pfit_rounds.py --clients 4 --set instruct.num-rounds=8 --set instruct.lr=2e-4
+    python benchmarks/pfit_rounds.py --clients 4 --set instruct.num-rounds=8 --set instruct.lr=1e-4
     python benchmarks/pfit_rounds.py --method shepherd --set instruct.num-rounds=2
 
 The real ServerApp and ClientApp on ``tests.inprocess.InProcessGrid`` (no Ray, no SuperLink):
