@@ -4,7 +4,7 @@
     python benchmarks/pfit_rounds.py --clients 4 --set instruct.num-rounds=8 --set instruct.lr=1e-4
     python benchmarks/pfit_rounds.py --method shepherd --set instruct.num-rounds=2
 
-The real ServerApp and ClientApp on ``tests.inprocess.InProcessGrid`` (no Ray, no SuperLink):
+The real ServerApp and ClientApp on ``pwff_app.testing.inprocess.InProcessGrid`` (no Ray, no SuperLink):
 clients run one after another in this process, so the wall time is the sum of the clients'
 work, not what ``flwr run`` with parallel workers takes. Wireless is off unless ``--wireless``
 (the learning does not depend on it, and its losses would add noise to a learning-speed probe).
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.inprocess
 
-from pwff_app.config import app_defaults  # noqa: E402
-from tests.inprocess import InProcessGrid, run_server  # noqa: E402
+
+from pwff_app.config import app_defaults
+from pwff_app.testing.inprocess import InProcessGrid, run_server
 
 
 def _typed(old: object, text: str) -> object:

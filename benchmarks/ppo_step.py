@@ -20,10 +20,10 @@ from dataclasses import replace
 
 import torch
 
-from pwff_app.pfit import client_prompts, get_bundle
-from pwff_app.policy import frozen_prefix_blocks, load_trainable_state, trainable_state
-from pwff_app.ppo import PPOConfig, format_prompt, generate_rollouts, make_optimizer, ppo_step
-from pwff_app.sparse_attention import build_attention_masks, enable_sparse_attention
+from pwff_app.instruct.pfit import client_prompts, get_bundle
+from pwff_app.instruct.policy import frozen_prefix_blocks, load_trainable_state, trainable_state
+from pwff_app.instruct.ppo import PPOConfig, format_prompt, generate_rollouts, make_optimizer, ppo_step
+from pwff_app.instruct.sparse_attention import build_attention_masks, enable_sparse_attention
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
 
 def _run_uncached(policy, ref, batch, scores, cfg, start) -> None:
     """``ppo_step`` with the cache switched off: every pass runs the whole network."""
-    import pwff_app.ppo as ppo
+    import pwff_app.instruct.ppo as ppo
 
     real = ppo.with_prefix
     ppo.with_prefix = lambda policy, batch: batch

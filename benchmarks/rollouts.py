@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from pwff_app.pfit import client_prompts, get_bundle
-from pwff_app.ppo import format_prompt, generate_rollouts
-from pwff_app.sparse_attention import enable_sparse_attention
+from pwff_app.instruct.pfit import client_prompts, get_bundle
+from pwff_app.instruct.ppo import format_prompt, generate_rollouts
+from pwff_app.instruct.sparse_attention import enable_sparse_attention
 
 
 def main() -> None:

@@ -15,12 +15,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from pwff_app.config import RunConfig
 from pwff_app.methods import METHODS
-from pwff_app.models import count_params, group_params, load_params
-from pwff_app.pfit import handle_pfit_evaluate, handle_pfit_train
-from pwff_app.split import handle_split_message
-from pwff_app.state import PrivateStore
-from pwff_app.task import ClientTask, evaluate, load_client_task, train_local
-from pwff_app.wireless import uplink_mod
+from pwff_app.task_tuning.model import count_params, group_params, load_params
+from pwff_app.instruct.pfit import handle_pfit_evaluate, handle_pfit_train
+from pwff_app.task_tuning.fedbert.model import handle_split_message
+from pwff_app.federation.state import PrivateStore
+from pwff_app.task_tuning.train import ClientTask, evaluate, load_client_task, train_local
+from pwff_app.wireless.link import uplink_mod
 
 # The link is a mod around every message: the learning code below never sees the channel.
 app = ClientApp(mods=[uplink_mod])

@@ -2,7 +2,7 @@
 
 Every key lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (Flower rejects unknown
 keys on the command line). Keys are grouped: top level (method, seed, where results go),
-``task.*`` (PFTT and its contenders) and ``wireless.*`` (read by :mod:`pwff_app.channel`).
+``task.*`` (PFTT and its contenders) and ``wireless.*`` (read by :mod:`pwff_app.wireless.channel`).
 Validation happens before any work, and each problem is one line naming the key and what is
 allowed.
 """

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-# Parameter groups of the task-tuning model (pwff_app.models), matched on parameter names.
+# Parameter groups of the task-tuning model (pwff_app.task_tuning.model), matched on parameter names.
 _GROUP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("lora", re.compile(r"\.lora_(A|B)\.")),
     ("adapter", re.compile(r"\.adapter\.")),
@@ -100,7 +100,7 @@ METHODS: dict[str, MethodSpec] = {
               "FedLoRA: LoRA and head aggregated, no adapters"),
         # Paper V-C, FedBert [3]: federated split learning (SplitFed-V2). The client bottom
         # (embeddings + first layers) is FedAvg'd; the server top is trained by the server.
-        # This row is fedbert.train = "full"; pwff_app.split.split_spec gives the other modes.
+        # This row is fedbert.train = "full"; pwff_app.task_tuning.fedbert.model.split_spec gives the other modes.
         _spec("fedbert", "task", set(), {"backbone", "head"}, {"backbone"}, False, "split",
               "FedBert: split learning; client bottoms FedAvg'd, server top trained in turn"),
         # Reference point: plain FedAvg of every weight, the usual Flower way.

@@ -6,18 +6,18 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
-from pwff_app.channel import ChannelConfig
-from pwff_app.checkpoint import load_checkpoint
+from pwff_app.wireless.channel import ChannelConfig
+from pwff_app.federation.checkpoint import load_checkpoint
 from pwff_app.config import ConfigError, RunConfig
 from pwff_app.methods import METHODS
-from pwff_app.models import count_params, group_params
-from pwff_app.pfit import run_pfit
-from pwff_app.results import RunRecorder, default_run_name
-from pwff_app.strategies import AGGREGATORS
-from pwff_app.split import split_param_counts
-from pwff_app.strategies.split import run_split_learning
-from pwff_app.task import build_model_for
-from pwff_app.wireless import WirelessGrid
+from pwff_app.task_tuning.model import count_params, group_params
+from pwff_app.instruct.pfit import run_pfit
+from pwff_app.federation.results import RunRecorder, default_run_name
+from pwff_app.federation.strategy import AGGREGATORS
+from pwff_app.task_tuning.fedbert.model import split_param_counts
+from pwff_app.task_tuning.fedbert.server import run_split_learning
+from pwff_app.task_tuning.train import build_model_for
+from pwff_app.wireless.link import WirelessGrid
 
 app = ServerApp()
 

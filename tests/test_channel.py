@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pwff_app.channel import (
+from pwff_app.wireless.channel import (
     ChannelConfig,
     LinkResult,
     db_to_linear,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pwff_app.config import ConfigError, RunConfig
-from pwff_app.data import DataNotFoundError, client_split, label_distribution, label_skew, load_ag_news
+from pwff_app.task_tuning.data import DataNotFoundError, client_split, label_distribution, label_skew, load_ag_news
 from tests.conftest import run_config
 
 

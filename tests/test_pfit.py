@@ -12,14 +12,15 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
-from pwff_app import pfit
+from pwff_app.instruct import pfit
 from pwff_app.config import ConfigError, RunConfig, app_defaults
 from pwff_app.methods import METHODS, _spec
-from pwff_app.policy import is_attention_param, tiny_llama, tiny_tokenizer
-from pwff_app.results import RunRecorder
-from pwff_app.sparse_attention import keep_count
-from pwff_app.state import PrivateStore
-from tests.inprocess import InProcessGrid
+from pwff_app.instruct.policy import is_attention_param
+from pwff_app.testing.tiny import tiny_llama, tiny_tokenizer
+from pwff_app.federation.results import RunRecorder
+from pwff_app.instruct.sparse_attention import keep_count
+from pwff_app.federation.state import PrivateStore
+from pwff_app.testing.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,8 +212,8 @@ def test_shepherd_lora_uplink_is_lora_only(tiny_pfit) -> None:
 def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
     """The real link mod and WirelessGrid around PFIT: a client behind a bad link loses replies,
     the round aggregates the others, and stale globals are refused rather than mis-unpacked."""
-    from pwff_app.channel import ChannelConfig
-    from pwff_app.wireless import WirelessGrid, uplink_mod
+    from pwff_app.wireless.channel import ChannelConfig
+    from pwff_app.wireless.link import WirelessGrid, uplink_mod
 
     rc = _rc(tiny_pfit, "pfit", "lossy")
     rc.update({"wireless.enabled": True, "wireless.snr-db": "30,-10"})
@@ -233,8 +234,8 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
 
 
 def test_real_server_and_client_apps(tiny_pfit) -> None:
-    """The real ServerApp + ClientApp (mods included) dispatch instruct methods to pwff_app.pfit."""
-    from tests.inprocess import run_server
+    """The real ServerApp + ClientApp (mods included) dispatch instruct methods to pwff_app.instruct.pfit."""
+    from pwff_app.testing.inprocess import run_server
 
     for method in ("pfit", "sfl"):
         rc = _rc(tiny_pfit, method, f"wired-{method}")

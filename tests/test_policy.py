@@ -11,20 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from pwff_app import policy as policy_mod
-from pwff_app.policy import (
+from pwff_app.instruct import policy as policy_mod
+from pwff_app.instruct.policy import (
     PolicyWithValue,
     default_cache_dir,
     freeze_all_but_last_blocks,
     load_policy,
     load_trainable_state,
     resolve_policy_path,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_tokenizer,
     trainable_state,
     transformer_blocks,
 )
+from pwff_app.testing.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 slow = pytest.mark.skipif(os.environ.get("PWFF_SLOW") != "1", reason="slow: set PWFF_SLOW=1")
 

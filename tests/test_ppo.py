@@ -9,17 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pwff_app.policy import (
+from pwff_app.instruct.policy import (
     PolicyWithValue,
     freeze_all_but_last_blocks,
     frozen_copy,
     load_trainable_state,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_tokenizer,
     trainable_state,
 )
-from pwff_app.ppo import (
+from pwff_app.testing.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
+from pwff_app.instruct.ppo import (
     PPOConfig,
     clipped_surrogate_loss,
     exact_sequence_kl,
@@ -40,7 +38,7 @@ from pwff_app.ppo import (
     whiten,
     with_prefix,
 )
-from pwff_app.sparse_attention import build_attention_masks, enable_sparse_attention
+from pwff_app.instruct.sparse_attention import build_attention_masks, enable_sparse_attention
 
 
 def test_gae_hand_computed() -> None:

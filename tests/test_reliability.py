@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message
 
-from pwff_app.checkpoint import load_checkpoint
+from pwff_app.federation.checkpoint import load_checkpoint
 from pwff_app.config import ConfigError, RunConfig
 from tests.conftest import tiny_config
-from tests.inprocess import InProcessGrid, run_server
+from pwff_app.testing.inprocess import InProcessGrid, run_server
 
 
 def _rounds(path) -> list[dict]:
@@ -119,8 +119,8 @@ def test_client_side_dp_clips_each_update_and_noises_the_aggregate(tiny_data_dir
                                   "mechanism": "client-side fixed clipping + Gaussian noise (Flower)"}
     # Reference: what the server sent is the seeded initial global, rebuilt without DP.
     from pwff_app.methods import METHODS
-    from pwff_app.models import group_params
-    from pwff_app.task import build_model_for
+    from pwff_app.task_tuning.model import group_params
+    from pwff_app.task_tuning.train import build_model_for
     start = group_params(build_model_for(RunConfig.from_run_config(rc), None), METHODS["pftt"].shared)
     for update in sent.values():
         norm = np.sqrt(sum(np.sum((update[k].astype(np.float64) - start[k]) ** 2) for k in start))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pwff_app import cli, reproduce
+from pwff_app.experiments import cli, reproduce
 
 # method -> seed -> (final accuracy, uplink bytes/round, ergodic delay, total energy, per-round acc)
 FAKE = {
@@ -162,7 +162,7 @@ def test_cli_rejects_unknown_method(capsys):
 
 
 def test_cli_train_rewards_forwards(monkeypatch):
-    import pwff_app.rewards as rewards
+    import pwff_app.instruct.rewards.model as rewards
 
     got = []
     monkeypatch.setattr(rewards, "main", lambda argv: got.append(argv) or 0)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pwff_app import rewards
-from pwff_app.rewards import (
+from pwff_app.instruct.rewards import model as rewards
+from pwff_app.instruct.rewards.model import (
     HH_FILES,
     RewardConfig,
     bradley_terry_loss,

@@ -10,10 +10,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 from pwff_app import client_app
 from pwff_app.config import RunConfig
 from pwff_app.methods import METHODS, param_group
-from pwff_app.models import count_params, group_params
-from pwff_app.payload import payload_bytes
-from pwff_app.state import PrivateStore
-from pwff_app.task import build_model_for
+from pwff_app.task_tuning.model import count_params, group_params
+from pwff_app.federation.payload import payload_bytes
+from pwff_app.federation.state import PrivateStore
+from pwff_app.task_tuning.train import build_model_for
 from tests.conftest import make_context, make_message, tiny_config
 
 
@@ -128,7 +128,7 @@ def test_other_encoders_by_local_path(tmp_path, arch):
     """RoBERTa (the paper's model) and DistilBERT layouts get adapters and LoRA by path."""
     from transformers import AutoModel, DistilBertConfig, RobertaConfig
 
-    from pwff_app.models import build_task_model
+    from pwff_app.task_tuning.model import build_task_model
 
     config = (RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=70)

@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pwff_app.policy import (
+from pwff_app.instruct.policy import (
     PolicyWithValue,
     freeze_all_but_last_blocks,
     is_attention_param,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_tokenizer,
     trainable_state,
 )
-from pwff_app.ppo import Rollouts, logprobs_and_values
-from pwff_app.sparse_attention import (
+from pwff_app.testing.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
+from pwff_app.instruct.ppo import Rollouts, logprobs_and_values
+from pwff_app.instruct.sparse_attention import (
     aggregate_sparse,
     attended_pairs,
     attention_flops,

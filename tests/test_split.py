@@ -14,17 +14,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from pwff_app import methods, split
+from pwff_app import methods
+from pwff_app.task_tuning.fedbert import model as split
 from pwff_app.config import RunConfig
-from pwff_app.payload import payload_bytes
-from pwff_app.results import RunRecorder
-from pwff_app.split import (
+from pwff_app.federation.payload import payload_bytes
+from pwff_app.federation.results import RunRecorder
+from pwff_app.task_tuning.fedbert.model import (
     SplitConfig, activation_bytes, build_split_model, client_backward, client_data, client_forward,
     handle_split_message, server_step, split_model, split_spec, step_seed, train_batches, trim_padding,
 )
-from pwff_app.strategies import split as split_server
-from pwff_app.strategies.split import run_split_learning
-from pwff_app.task import round_seed
+from pwff_app.task_tuning.fedbert import server as split_server
+from pwff_app.task_tuning.fedbert.server import run_split_learning
+from pwff_app.task_tuning.train import round_seed
 from tests.conftest import make_context, make_message, tiny_config
 
 

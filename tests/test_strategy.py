@@ -7,8 +7,8 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from pwff_app.results import RunRecorder
-from pwff_app.strategies import PartialFedAvg
+from pwff_app.federation.results import RunRecorder
+from pwff_app.federation.strategy import PartialFedAvg
 from tests.conftest import make_message
 
 SHAPES = {"a.adapter.w": (2, 3), "b.adapter.b": (3,)}

@@ -12,9 +12,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from pwff_app import wireless
-from pwff_app.channel import ChannelConfig, LinkResult, combine_links, transmit
-from pwff_app.wireless import (
+from pwff_app.wireless import link as wireless
+from pwff_app.wireless.channel import ChannelConfig, LinkResult, combine_links, transmit
+from pwff_app.wireless.link import (
     DOWNLINK_LOST,
     DOWNLINK_LOST_FLAG,
     NO_STALE_COPY,

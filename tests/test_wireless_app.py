@@ -10,9 +10,9 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 
 from pwff_app import client_app
-from pwff_app.checkpoint import load_checkpoint
+from pwff_app.federation.checkpoint import load_checkpoint
 from tests.conftest import tiny_config
-from tests.inprocess import InProcessGrid, run_server
+from pwff_app.testing.inprocess import InProcessGrid, run_server
 
 
 def test_low_snr_loses_updates_and_aggregates_exactly_the_survivors(tiny_data_dir, tmp_path):

@@ -31,8 +31,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from pwff_app.channel import ChannelConfig, LinkResult, combine_links, ergodic_capacity_bps_per_hz, transmit
-from pwff_app.payload import payload_bytes
+from pwff_app.wireless.channel import ChannelConfig, LinkResult, combine_links, ergodic_capacity_bps_per_hz, transmit
+from pwff_app.federation.payload import payload_bytes
 
 # Error codes of replies the channel produced (Flower's own codes are 0-8).
 UPLINK_LOST = 7001  # the client's update did not get through (reason: prefix + JSON stats)

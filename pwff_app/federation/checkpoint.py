@@ -7,22 +7,19 @@ last complete round with ``resume=true`` and the same ``run-name``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from pwff_app.files import write_atomic, write_npz_atomic
+
 
 def save_checkpoint(out_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict) -> None:
     """Write ``checkpoint.npz`` then ``checkpoint.json`` (the JSON names the round: written last)."""
-    tmp = out_dir / "checkpoint.npz.tmp"
-    with tmp.open("wb") as f:
-        np.savez(f, **{k: v.numpy() for k, v in arrays.items()})
-    os.replace(tmp, out_dir / "checkpoint.npz")
-    tmp = out_dir / "checkpoint.json.tmp"
-    tmp.write_text(json.dumps({"round": server_round, **meta}, sort_keys=True))
-    os.replace(tmp, out_dir / "checkpoint.json")
+    write_npz_atomic(out_dir / "checkpoint.npz", {k: v.numpy() for k, v in arrays.items()})
+    write_atomic(out_dir / "checkpoint.json",
+                 lambda tmp: tmp.write_text(json.dumps({"round": server_round, **meta}, sort_keys=True)))
 
 
 def load_checkpoint(out_dir: Path) -> tuple[int, ArrayRecord, dict] | None:

@@ -15,7 +15,7 @@ method family (``pfit``, ``pfl``, ``sfl``, ``shepherd``):
   the pretrained reference.
 * **Server** (:func:`run_pfit`): ensures the reward models exist (trains them once, timed),
   starts a partial-aggregation strategy whose reply checks understand sparse uploads and whose
-  FedAvg is :func:`pwff_app.sparse_attention.aggregate_sparse`, and returns the summary block.
+  FedAvg is :func:`pwff_app.instruct.sparse_attention.aggregate_sparse`, and returns the summary block.
 
 Communication: downlink = the dense global trainable part; uplink = packed sparse (the masks
 cost 0 bytes: the server rebuilds them from the global it sent, the client's s and seed).
@@ -38,7 +38,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pwff_app.config import ConfigError, RunConfig, read_key, resolve_data_dir
-from pwff_app.policy import (
+from pwff_app.instruct.policy import (
     PolicyWithValue,
     freeze_all_but_last_blocks,
     frozen_copy,
@@ -46,7 +46,7 @@ from pwff_app.policy import (
     load_trainable_state,
     trainable_state,
 )
-from pwff_app.ppo import (
+from pwff_app.instruct.ppo import (
     PPOConfig,
     format_prompt,
     generate_rollouts,
@@ -55,8 +55,8 @@ from pwff_app.ppo import (
     make_optimizer,
     ppo_step,
 )
-from pwff_app.results import RunRecorder
-from pwff_app.sparse_attention import (
+from pwff_app.federation.results import RunRecorder
+from pwff_app.instruct.sparse_attention import (
     MASK_RULES,
     aggregate_sparse,
     attention_pair_counts,
@@ -66,8 +66,8 @@ from pwff_app.sparse_attention import (
     unpack_sparse,
     upload_bytes,
 )
-from pwff_app.state import PrivateStore
-from pwff_app.strategies.partial import AGGREGATORS, _PartialMixin, reply_problem
+from pwff_app.federation.state import PrivateStore
+from pwff_app.federation.strategy import AGGREGATORS, _PartialMixin, reply_problem
 
 N_BLOCKS = 2  # paper: "we only train the last two layers"
 _VALUE_PREFIX, _LOCAL_PREFIX = "value_head.", "local/"
@@ -286,7 +286,7 @@ def load_rewards(data_dir: Path | None) -> Any:
     """
     key = str(data_dir)
     if key not in _REWARDS:
-        from pwff_app.rewards import default_cache_dir, load_or_train_reward_models
+        from pwff_app.instruct.rewards.model import default_cache_dir, load_or_train_reward_models
 
         if data_dir is None:
             raise ConfigError("PFIT needs a data folder with hh-rlhf/ and alpaca/: set 'data-dir' or PWFF_DATA_DIR")

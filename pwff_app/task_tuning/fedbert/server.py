@@ -18,7 +18,7 @@ activations of each test batch; the server's top turns them into accuracy and lo
 
 Traffic (``RunRecorder.client``): ``downlink_bytes`` = the bottom broadcast + every gradient,
 ``uplink_bytes`` = every activation reply (activations + mask + labels) + the final bottom
-weights; tensor bytes per :func:`pwff_app.payload.payload_bytes`. TRAIN messages and replies
+weights; tensor bytes per :func:`pwff_app.federation.payload.payload_bytes`. TRAIN messages and replies
 go through the Grid it is given, so a wireless Grid wrapper simulates every one of them;
 EVALUATE traffic is a measurement and counted apart (``eval_*_bytes``).
 """
@@ -36,13 +36,13 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from pwff_app.config import ConfigError, RunConfig
-from pwff_app.payload import payload_bytes
-from pwff_app.results import RunRecorder
-from pwff_app.split import (
+from pwff_app.federation.payload import payload_bytes
+from pwff_app.federation.results import RunRecorder
+from pwff_app.task_tuning.fedbert.model import (
     ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, SplitConfig, build_split_model,
     new_optimizer, server_step, split_model, trained_arrays,
 )
-from pwff_app.strategies.partial import reply_problem
+from pwff_app.federation.strategy import reply_problem
 
 REPLY_TIMEOUT_S = 3600.0  # per message exchange, as Flower strategies' default round timeout
 _POLL_MIN_S, _POLL_MAX_S = 0.002, 0.05

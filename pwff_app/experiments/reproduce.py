@@ -9,7 +9,7 @@ that fails is reported, its log kept in ``<out>/logs/``, and the others go on.
 
 Afterwards :func:`aggregate_runs` (a pure function of the run folders) gives one row per
 method, written as ``comparison.csv`` / ``comparison.md`` next to the plots of
-:mod:`pwff_app.plots`.
+:mod:`pwff_app.experiments.plots`.
 """
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = "PFT
 
 def write_outputs(out_dir: Path, rows: Sequence[dict[str, Any]], header: str = "") -> list[Path]:
     """comparison.csv, comparison.md and the PNG plots into ``out_dir``."""
-    from pwff_app import plots
+    from pwff_app.experiments import plots
 
     out_dir = Path(out_dir)
     files = [write_csv(rows, out_dir / "comparison.csv"), write_markdown(rows, out_dir / "comparison.md", header=header)]

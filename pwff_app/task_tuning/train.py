@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pwff_app.config import RunConfig
-from pwff_app.data import AG_NEWS_CLASSES, client_split, make_loader
+from pwff_app.task_tuning.data import AG_NEWS_CLASSES, client_split, make_loader
 from pwff_app.methods import METHODS, MethodSpec
-from pwff_app.models import EncoderClassifier, build_task_model, load_tokenizer
+from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_tokenizer
 
 
 @dataclass

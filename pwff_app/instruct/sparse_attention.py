@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from pwff_app.policy import attention_module, is_attention_param
+from pwff_app.instruct.policy import attention_module, is_attention_param
 
 SPARSE_ATTENTION = "pwff_sparse"
 MASK_RULES = ("magnitude", "random")

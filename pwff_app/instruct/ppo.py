@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from pwff_app.policy import (
+from pwff_app.instruct.policy import (
     PolicyWithValue,
     PrefixCache,
     final_hidden,

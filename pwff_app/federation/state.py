@@ -11,12 +11,13 @@ after round ``r - 1`` — also after a restart or a resume from a server checkpo
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+
+from pwff_app.files import write_npz_atomic
 
 _ARRAYS, _META = "pwff.private", "pwff.private-meta"
 _FILE = re.compile(r"private-(\d{5})\.npz$")
@@ -64,10 +65,7 @@ class PrivateStore:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"private-{server_round:05d}.npz"
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        write_npz_atomic(path, arrays)
         # Keep the last two rounds: enough to resume from a checkpoint one round behind.
         for r, old in self._files().items():
             if r < server_round - 1:

@@ -22,9 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore import log
 
-from pwff_app.checkpoint import save_checkpoint
-from pwff_app.payload import arrayrecord_payload_bytes, payload_bytes
-from pwff_app.results import RunRecorder
+from pwff_app.federation.checkpoint import save_checkpoint
+from pwff_app.federation.payload import arrayrecord_payload_bytes, payload_bytes
+from pwff_app.federation.results import RunRecorder
 
 
 def reply_problem(reply_arrays: ArrayRecord, reference: ArrayRecord, max_update_norm: float = 0.0) -> str | None:

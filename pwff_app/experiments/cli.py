@@ -1,7 +1,7 @@
 """The ``pwff`` command.
 
     pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
-    pwff train-rewards [...]      (forwards to pwff_app.rewards.main)
+    pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.model.main)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    from pwff_app.reproduce import ALL_METHODS, DEFAULT_SEED_BASE, PROFILES
+    from pwff_app.experiments.reproduce import ALL_METHODS, DEFAULT_SEED_BASE, PROFILES
 
     p = sub.add_parser("reproduce", help="reproduce a figure of the paper through real `flwr run`s")
     which = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
@@ -42,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pwff", description="pwff: personalized wireless federated fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _reproduce_parser(sub)
-    sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.rewards)", add_help=False)
+    sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.instruct.rewards.model)", add_help=False)
     return parser
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from pwff_app import reproduce
+    from pwff_app.experiments import reproduce
 
     profile = "quick" if args.quick else "full"
     out = args.out or Path("pwff-reproduce") / f"pftt-{profile}"
@@ -74,7 +74,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-rewards":
-        from pwff_app import rewards  # lazy: torch and friends load only for this command
+        from pwff_app.instruct.rewards import model as rewards  # lazy: torch and friends load only for this command
 
         rc = rewards.main(argv[1:])
         return int(rc or 0)

