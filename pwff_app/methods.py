@@ -10,8 +10,9 @@ Baselines are rows of :data:`METHODS`, not forks of the code.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 # Parameter groups of the task-tuning model (pwff_app.task_tuning.model), matched on parameter names.
 _GROUP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -45,6 +46,9 @@ class MethodSpec:
         protocol: ``fedavg`` (weighted FedAvg of ``shared``), ``local`` (no federation),
             ``split`` (split learning: activations up, gradients down; see pwff_app/split.py).
         summary: one line for docs and logs.
+        instruct_overrides: instruct-family settings the method fixes (sparsity, reward
+            objectives, LoRA, personal start); the user's ``instruct.*`` value for these keys
+            must stay at its default (:func:`pwff_app.config.method_conflicts`).
     """
 
     name: str
@@ -55,12 +59,23 @@ class MethodSpec:
     personal_lora: bool
     protocol: Literal["fedavg", "local", "split"]
     summary: str
+    instruct_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.shared <= self.trained:
             raise ValueError(f"{self.name}: shared groups {set(self.shared)} must be trained")
         if self.personal_lora and "lora" in self.shared:
             raise ValueError(f"{self.name}: a shared LoRA cannot have per-client shapes")
+
+    @property
+    def resumable(self) -> bool:
+        """Whether ``resume`` works: the server checkpoints the task family's FedAvg loop only."""
+        return self.family == "task" and self.protocol in ("fedavg", "local")
+
+    @property
+    def dp(self) -> bool:
+        """Whether client-side DP applies: a task-family method that FedAvgs a shared part."""
+        return self.family == "task" and self.protocol == "fedavg" and bool(self.shared)
 
     @property
     def private(self) -> frozenset[str]:
@@ -78,9 +93,9 @@ class MethodSpec:
 
 
 def _spec(name: str, family: str, modules: set[str], trained: set[str], shared: set[str],
-          personal_lora: bool, protocol: str, summary: str) -> MethodSpec:
+          personal_lora: bool, protocol: str, summary: str, **instruct_overrides: Any) -> MethodSpec:
     return MethodSpec(name, family, frozenset(modules), frozenset(trained), frozenset(shared),
-                      personal_lora, protocol, summary)  # type: ignore[arg-type]
+                      personal_lora, protocol, summary, instruct_overrides)  # type: ignore[arg-type]
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -109,17 +124,21 @@ METHODS: dict[str, MethodSpec] = {
         # Reference point: PFTT's model, no federation.
         _spec("local", "task", {"adapter", "lora"}, {"adapter", "lora", "head"}, set(), True,
               "local", "Local only: each client trains alone, nothing is sent"),
-        # ---- instruct family (paper IV-C; run by pwff_app/pfit.py). Groups on the causal LM:
+        # ---- instruct family (paper IV-C; run by pwff_app/instruct). Groups on the causal LM:
         # "backbone" = the last two blocks (the only unfrozen LM weights), "lora" = LoRA on
         # their attention, "head" = the PPO value head (private: the critic of one client's
-        # reward mix). How much of the attention is sent (sparsity) is in pfit.METHOD_OVERRIDES.
+        # reward mix). What each method fixes of the instruct.* settings (how much of the
+        # attention is sent, which reward models, LoRA) is its keyword overrides (paper V-B, Fig. 4).
         _spec("pfit", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
               "PFIT: PPO on the last two blocks, personalised rewards, sparse attention update (s=0.4)"),
         _spec("pfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
-              "PFL (paper V-B): PFIT without sparse attention (dense upload)"),
+              "PFL (paper V-B): PFIT without sparse attention (dense upload)", sparsity=(0.0,)),
         _spec("sfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
-              "SFL (paper V-B): helpfulness reward only, 20% sparse attention"),
+              "SFL (paper V-B): helpfulness reward only, 20% sparse attention",
+              sparsity=(0.2,), reward_models="helpfulness"),
+        # Shepherd (Zhang et al. 2023): LoRA, FedAvg of LoRA, no personalisation, no proximal term.
         _spec("shepherd", "instruct", {"lora"}, {"lora", "head"}, {"lora"}, False, "fedavg",
-              "Shepherd (Zhang et al. 2023): LoRA on the last two blocks' attention, FedAvg'd; equal reward weights"),
+              "Shepherd (Zhang et al. 2023): LoRA on the last two blocks' attention, FedAvg'd; equal reward weights",
+              sparsity=(0.0,), reward_weights=((0.5, 0.5),), mu=0.0, use_lora=True, personal_start=False),
     ]
 }

@@ -6,7 +6,6 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
-from pwff_app.wireless.channel import ChannelConfig
 from pwff_app.federation.checkpoint import load_checkpoint
 from pwff_app.config import ConfigError, RunConfig
 from pwff_app.methods import METHODS
@@ -31,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.resume:
             raise ConfigError(f"run config: 'resume' is not supported for '{cfg.method}' (instruct methods) yet")
         recorder = RunRecorder(out_dir, cfg.method, score_key="reward")
-        channel = ChannelConfig.from_run_config(context.run_config)
+        channel = cfg.wireless
         if channel.enabled:
             grid = WirelessGrid(grid, channel)
             recorder.extra["wireless"] = grid.round_stats
@@ -56,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
             raise ConfigError(f"run config: checkpoint in {out_dir} is {meta}, not method={cfg.method} seed={cfg.seed}")
         print(f"[pwff] resuming {out_dir} after round {done}", flush=True)
     recorder = RunRecorder(out_dir, cfg.method, score_key="accuracy", keep_rounds=done)
-    channel = ChannelConfig.from_run_config(context.run_config)
+    channel = cfg.wireless
     if channel.enabled:
         grid = WirelessGrid(grid, channel)
         recorder.extra["wireless"] = grid.round_stats
@@ -75,11 +74,11 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[pwff] results: {path}", flush=True)
         return
 
-    kwargs = {"beta": cfg.trim_fraction} if cfg.aggregator == "trimmed-mean" else {}
-    strategy = AGGREGATORS[cfg.aggregator](
+    kwargs = {"beta": cfg.aggregation.trim_fraction} if cfg.aggregation.aggregator == "trimmed-mean" else {}
+    strategy = AGGREGATORS[cfg.aggregation.aggregator](
         recorder=recorder,
-        min_survivors=cfg.min_survivors,
-        max_update_norm=cfg.max_update_norm,
+        min_survivors=cfg.aggregation.min_survivors,
+        max_update_norm=cfg.aggregation.max_update_norm,
         round_offset=done,
         checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
         min_train_nodes=cfg.num_clients,
@@ -88,13 +87,13 @@ def main(grid: Grid, context: Context) -> None:
         **kwargs,
     )
     privacy = {"enabled": False}
-    if cfg.dp_noise_multiplier > 0:
+    if cfg.dp.noise_multiplier > 0:
         # Clipped on the client (dp_clipping_mod), noised on the server after aggregation.
         strategy = DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=cfg.dp_noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
+            strategy, noise_multiplier=cfg.dp.noise_multiplier, clipping_norm=cfg.dp.clipping_norm,
             num_sampled_clients=cfg.num_clients)
         privacy = {"enabled": True, "mechanism": "client-side fixed clipping + Gaussian noise (Flower)",
-                   "noise_multiplier": cfg.dp_noise_multiplier, "clipping_norm": cfg.dp_clipping_norm,
+                   "noise_multiplier": cfg.dp.noise_multiplier, "clipping_norm": cfg.dp.clipping_norm,
                    "num_sampled_clients": cfg.num_clients}
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.task.num_rounds - done)
 
@@ -106,7 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     path = recorder.finish({
         "num_clients": cfg.num_clients,
         "params": {"shared": count_params(model, spec.shared), "private": private},
-        "aggregator": cfg.aggregator,
+        "aggregator": cfg.aggregation.aggregator,
         "wireless": wireless_block(),
         "privacy": privacy,
         "config": dict(cfg.raw),

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from pwff_app.config import ConfigError, RunConfig, read_key, resolve_data_dir
+from pwff_app.config import ConfigError, InstructConfig, RunConfig
 from pwff_app.instruct.policy import (
     PolicyWithValue,
     freeze_all_but_last_blocks,
@@ -57,7 +57,6 @@ from pwff_app.instruct.ppo import (
 )
 from pwff_app.federation.results import RunRecorder
 from pwff_app.instruct.sparse_attention import (
-    MASK_RULES,
     aggregate_sparse,
     attention_pair_counts,
     build_attention_masks,
@@ -72,158 +71,6 @@ from pwff_app.federation.strategy import AGGREGATORS, _PartialMixin, reply_probl
 N_BLOCKS = 2  # paper: "we only train the last two layers"
 _VALUE_PREFIX, _LOCAL_PREFIX = "value_head.", "local/"
 MAX_PROMPT_CHARS = 400  # Alpaca records whose instruction + input is longer are dropped
-
-
-# ---------------------------------------------------------------- config
-
-
-def _parse_weights(text: str) -> tuple[tuple[float, float], ...]:
-    key = "instruct.reward-weights"
-    out = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        parts = item.split(":")
-        try:
-            pair = tuple(float(p) for p in parts)
-        except ValueError:
-            pair = ()
-        if len(pair) != 2 or min(pair) < 0 or sum(pair) <= 0:
-            raise ConfigError(f"run config: '{key}' must be a comma list of 'w_help:w_safe' pairs of "
-                              f"non-negative numbers (not both 0), got {item!r}")
-        out.append(pair)
-    if not out:
-        raise ConfigError(f"run config: '{key}' must list at least one 'w_help:w_safe' pair")
-    return tuple(out)  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class InstructConfig:
-    """The ``instruct.*`` run-config keys (PFIT and its contenders). Defaults fit 4 clients on 2 cores."""
-
-    num_rounds: int = 5
-    policy_name: str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
-    max_new_tokens: int = 24
-    prompts_per_round: int = 16  # distinct prompts per client, split over ppo_steps rollout batches
-    samples_per_prompt: int = 4  # responses sampled per prompt (group baseline, see ppo.group_baseline)
-    ppo_steps: int = 4  # per round
-    ppo_epochs: int = 2  # PPO epochs per rollout batch (cheap: the frozen blocks ran once, while sampling)
-    eval_prompts: int = 16  # fixed held-out prompts, the same for every client
-    eval_samples: int = 8  # sampled responses per held-out prompt
-    sparsity: tuple[float, ...] = (0.4,)  # per client, cycled
-    mask_rule: str = "magnitude"
-    reward_weights: tuple[tuple[float, float], ...] = ((0.8, 0.2), (0.2, 0.8))  # helpful-heavy, safe-heavy
-    reward_models: str = "both"  # both | helpfulness
-    mu: float = 0.01
-    lr: float = 2e-4
-    kl_coef: float = 0.05
-    temperature: float = 0.7  # sampling temperature of rollouts and held-out evaluation (log-probs use it too)
-    gae_lambda: float = 1.0  # GAE lambda; 1 = every response token gets the whole terminal score
-    lora_rank: int = 8  # LoRA rank when the method uses LoRA (shepherd)
-    use_lora: bool = False  # set by the method: LoRA on the trainable blocks' attention, blocks frozen
-    personal_start: bool = True  # set by the method: a round starts from the client's own local model
-    eval_seed: int = 1234
-
-    @classmethod
-    def from_run_config(cls, rc: Mapping[str, Any]) -> InstructConfig:
-        d = cls()
-        raw_sparsity = rc.get("instruct.sparsity", "0.4")  # --run-config "instruct.sparsity=0.2" arrives as float
-        if isinstance(raw_sparsity, (int, float)) and not isinstance(raw_sparsity, bool):
-            raw_sparsity = str(float(raw_sparsity))
-        sparsity_text = read_key({"instruct.sparsity": raw_sparsity}, "instruct.sparsity", str, "0.4")
-        try:
-            sparsity = tuple(float(x) for x in sparsity_text.split(",") if x.strip())
-        except ValueError:
-            sparsity = ()
-        if not sparsity or any(not 0.0 <= s < 1.0 for s in sparsity):
-            raise ConfigError(f"run config: 'instruct.sparsity' must be a comma list of numbers in [0, 1), "
-                              f"got {sparsity_text!r}")
-        cfg = cls(
-            num_rounds=read_key(rc, "instruct.num-rounds", int, d.num_rounds),
-            policy_name=read_key(rc, "instruct.policy-name", str, d.policy_name),
-            max_new_tokens=read_key(rc, "instruct.max-new-tokens", int, d.max_new_tokens),
-            prompts_per_round=read_key(rc, "instruct.prompts-per-round", int, d.prompts_per_round),
-            samples_per_prompt=read_key(rc, "instruct.samples-per-prompt", int, d.samples_per_prompt),
-            ppo_steps=read_key(rc, "instruct.ppo-steps", int, d.ppo_steps),
-            ppo_epochs=read_key(rc, "instruct.ppo-epochs", int, d.ppo_epochs),
-            eval_prompts=read_key(rc, "instruct.eval-prompts", int, d.eval_prompts),
-            eval_samples=read_key(rc, "instruct.eval-samples", int, d.eval_samples),
-            sparsity=sparsity,
-            mask_rule=read_key(rc, "instruct.mask-rule", str, d.mask_rule),
-            reward_weights=_parse_weights(read_key(rc, "instruct.reward-weights", str, ",".join(
-                f"{h}:{s}" for h, s in d.reward_weights))),
-            reward_models=read_key(rc, "instruct.reward-models", str, d.reward_models),
-            mu=read_key(rc, "instruct.mu", float, d.mu),
-            lr=read_key(rc, "instruct.lr", float, d.lr),
-            kl_coef=read_key(rc, "instruct.kl-coef", float, d.kl_coef),
-            temperature=read_key(rc, "instruct.temperature", float, d.temperature),
-            gae_lambda=read_key(rc, "instruct.gae-lambda", float, d.gae_lambda),
-            lora_rank=read_key(rc, "instruct.lora-rank", int, 8),
-        )
-        for key, value in [("instruct.num-rounds", cfg.num_rounds), ("instruct.max-new-tokens", cfg.max_new_tokens),
-                           ("instruct.prompts-per-round", cfg.prompts_per_round),
-                           ("instruct.samples-per-prompt", cfg.samples_per_prompt),
-                           ("instruct.ppo-steps", cfg.ppo_steps), ("instruct.ppo-epochs", cfg.ppo_epochs),
-                           ("instruct.eval-prompts", cfg.eval_prompts), ("instruct.eval-samples", cfg.eval_samples),
-                           ("instruct.lr", cfg.lr), ("instruct.temperature", cfg.temperature),
-                           ("instruct.lora-rank", cfg.lora_rank)]:
-            if value <= 0:
-                raise ConfigError(f"run config: '{key}' must be > 0, got {value!r}")
-        for key, value in [("instruct.mu", cfg.mu), ("instruct.kl-coef", cfg.kl_coef)]:
-            if value < 0:
-                raise ConfigError(f"run config: '{key}' must be >= 0, got {value!r}")
-        if not 0.0 <= cfg.gae_lambda <= 1.0:
-            raise ConfigError(f"run config: 'instruct.gae-lambda' must be in [0, 1], got {cfg.gae_lambda!r}")
-        if cfg.prompts_per_round < cfg.ppo_steps:
-            raise ConfigError(f"run config: 'instruct.prompts-per-round' ({cfg.prompts_per_round}) must be >= "
-                              f"'instruct.ppo-steps' ({cfg.ppo_steps})")
-        if cfg.mask_rule not in MASK_RULES:
-            raise ConfigError(f"run config: 'instruct.mask-rule' must be one of {list(MASK_RULES)}, got {cfg.mask_rule!r}")
-        if cfg.reward_models not in ("both", "helpfulness"):
-            raise ConfigError(f"run config: 'instruct.reward-models' must be 'both' or 'helpfulness', "
-                              f"got {cfg.reward_models!r}")
-        return cfg
-
-    def for_method(self, method: str) -> InstructConfig:
-        """The settings a method actually uses (its row in :data:`METHOD_OVERRIDES`)."""
-        if method not in METHOD_OVERRIDES:
-            raise ConfigError(f"run config: 'method' {method!r} is not an instruct method ({sorted(METHOD_OVERRIDES)})")
-        return replace(self, **METHOD_OVERRIDES[method])
-
-    @property
-    def bundle_lora_rank(self) -> int:
-        return self.lora_rank if self.use_lora else 0
-
-    @property
-    def prompts_per_step(self) -> int:
-        return math.ceil(self.prompts_per_round / self.ppo_steps)
-
-    def client_sparsity(self, client_id: int) -> float:
-        return self.sparsity[client_id % len(self.sparsity)]
-
-    def client_weights(self, client_id: int) -> tuple[float, float]:
-        """(w_help, w_safe) of a client; with only the helpfulness model, (1, 0)."""
-        if self.reward_models == "helpfulness":
-            return (1.0, 0.0)
-        return self.reward_weights[client_id % len(self.reward_weights)]
-
-    def ppo_config(self) -> PPOConfig:
-        b = self.prompts_per_step * self.samples_per_prompt  # sequences per rollout batch
-        return PPOConfig(lr=self.lr, batch_size=b, mini_batch_size=min(8, b), ppo_epochs=self.ppo_epochs,
-                         kl_coef=self.kl_coef, mu=self.mu, max_new_tokens=self.max_new_tokens,
-                         temperature=self.temperature, lam=self.gae_lambda,
-                         samples_per_prompt=self.samples_per_prompt)
-
-
-# What each instruct method changes from the instruct.* settings (paper V-B, Fig. 4).
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "pfit": {},  # personalised weights, both reward models, sparse attention instruct.sparsity, mu
-    "pfl": {"sparsity": (0.0,)},  # paper's PFL: the same without sparse attention
-    "sfl": {"sparsity": (0.2,), "reward_models": "helpfulness"},  # one reward model, 20 % sparse
-    # Shepherd (Zhang et al. 2023): LoRA, FedAvg of LoRA, no personalisation, no proximal term.
-    "shepherd": {"sparsity": (0.0,), "reward_weights": ((0.5, 0.5),), "mu": 0.0, "use_lora": True,
-                 "personal_start": False},
-}
 
 
 # ---------------------------------------------------------------- policy and rewards, cached per process
@@ -377,11 +224,9 @@ def _check_global(incoming: Mapping[str, np.ndarray], bundle: _Bundle, method: s
 
 def _setup(msg: Message, context: Context) -> tuple[str, int, InstructConfig, tuple[int, int, int], Any, _Bundle]:
     """What both handlers need: method, seed, config, (client, clients, round), data dir, models."""
-    rc = context.run_config
-    method = str(rc["method"])
-    cfg = InstructConfig.from_run_config(rc).for_method(method)
-    data_dir = resolve_data_dir(str(rc.get("data-dir", "")))
-    return (method, int(rc.get("seed", 0)), cfg, _ids(msg, context), data_dir,
+    run_cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_cfg.instruct.for_method(run_cfg.method)
+    return (run_cfg.method, run_cfg.seed, cfg, _ids(msg, context), run_cfg.data_dir,
             get_bundle(cfg.policy_name, cfg.bundle_lora_rank))
 
 
@@ -604,15 +449,15 @@ class _PfitChecks:
 
 def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, block_names: Sequence[str],
                   **kwargs) -> _PartialMixin:
-    """AGGREGATORS[cfg.aggregator] with sparse-aware reply checks and aggregation."""
-    partial = AGGREGATORS[cfg.aggregator]
+    """AGGREGATORS[cfg.aggregation.aggregator] with sparse-aware reply checks and aggregation."""
+    partial = AGGREGATORS[cfg.aggregation.aggregator]
     flower_base = next(c for c in partial.__mro__ if c.__module__.startswith("flwr."))
     inner = type(f"_Sparse{flower_base.__name__}", (_SparseAggregation, flower_base), {})
     cls = type(f"Pfit{partial.__name__}", (_PfitChecks, _PartialMixin, inner), {})
-    extra = {"beta": cfg.trim_fraction} if cfg.aggregator == "trimmed-mean" else {}
-    return cls(block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=cfg.aggregator == "fedavg",
-               lora=icfg.use_lora, recorder=recorder, min_survivors=cfg.min_survivors,
-               max_update_norm=cfg.max_update_norm, **extra, **kwargs)
+    extra = {"beta": cfg.aggregation.trim_fraction} if cfg.aggregation.aggregator == "trimmed-mean" else {}
+    return cls(block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=cfg.aggregation.aggregator == "fedavg",
+               lora=icfg.use_lora, recorder=recorder, min_survivors=cfg.aggregation.min_survivors,
+               max_update_norm=cfg.aggregation.max_update_norm, **extra, **kwargs)
 
 
 def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
@@ -628,8 +473,7 @@ def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
 
 def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> dict[str, Any]:
     """Run an instruct-family method; returns the summary block for ``recorder.finish``."""
-    rc = context.run_config
-    icfg = InstructConfig.from_run_config(rc).for_method(cfg.method)
+    icfg = cfg.instruct.for_method(cfg.method)
     t0 = time.perf_counter()
     load_rewards(cfg.data_dir)  # train once here, not in every client at the same time
     reward_s = time.perf_counter() - t0
@@ -665,6 +509,6 @@ def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> d
                      "downlink": "dense"},
         "reward_weights": {str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)},
         "reward_models_s": round(reward_s, 3),
-        "aggregator": cfg.aggregator,
+        "aggregator": cfg.aggregation.aggregator,
         "instruct": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(icfg).items()},
     }

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from pwff_app.config import MASK_RULES
 from pwff_app.instruct.policy import attention_module, is_attention_param
 
 SPARSE_ATTENTION = "pwff_sparse"
-MASK_RULES = ("magnitude", "random")
 
 
 def keep_count(n: torch.Tensor | int, sparsity: float) -> torch.Tensor:

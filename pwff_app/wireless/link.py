@@ -31,7 +31,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from pwff_app.wireless.channel import ChannelConfig, LinkResult, combine_links, ergodic_capacity_bps_per_hz, transmit
+from pwff_app.config import ChannelConfig
+from pwff_app.wireless.channel import LinkResult, combine_links, ergodic_capacity_bps_per_hz, transmit
 from pwff_app.federation.payload import payload_bytes
 
 # Error codes of replies the channel produced (Flower's own codes are 0-8).

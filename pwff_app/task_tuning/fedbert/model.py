@@ -39,7 +39,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
-from pwff_app.config import ConfigError, RunConfig, read_key
+from pwff_app.config import ConfigError, RunConfig
 from pwff_app.task_tuning.data import AG_NEWS_CLASSES, client_split, make_loader
 from pwff_app.methods import MethodSpec
 from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_params, load_tokenizer
@@ -49,8 +49,6 @@ from pwff_app.task_tuning.train import round_seed
 # Settings
 # ---------------------------------------------------------------------------------------
 
-TRAIN_MODES = ("full", "all", "adapter")
-DEFAULT_SPLIT_LAYER = 2
 FULL_FINETUNE_LR = 5e-5  # BERT fine-tuning range 2e-5..5e-5 (Devlin et al. 2019)
 
 # Message keys (both directions).
@@ -78,19 +76,10 @@ class SplitConfig:
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig) -> SplitConfig:
-        rc = cfg.raw
-        k = read_key(rc, "fedbert.split-layer", int, DEFAULT_SPLIT_LAYER)
-        train = read_key(rc, "fedbert.train", str, "full")
-        lr = read_key(rc, "fedbert.lr", float, 0.0)
-        if k < 0:
-            raise ConfigError(f"run config: 'fedbert.split-layer' must be >= 0, got {k!r}")
-        if train not in TRAIN_MODES:
-            raise ConfigError(f"run config: 'fedbert.train' must be one of {list(TRAIN_MODES)}, got {train!r}")
-        if lr < 0:
-            raise ConfigError(f"run config: 'fedbert.lr' must be >= 0, got {lr!r}")
-        if lr == 0:
-            lr = cfg.task.lr if train == "adapter" else FULL_FINETUNE_LR
-        return cls(split_layer=k, train=train, lr=lr)
+        """The trainer's settings from the validated tree, the learning rate resolved."""
+        f = cfg.fedbert
+        lr = f.lr or (cfg.task.lr if f.train == "adapter" else FULL_FINETUNE_LR)
+        return cls(split_layer=f.split_layer, train=f.train, lr=lr)
 
 
 def split_spec(train: str) -> MethodSpec:

@@ -209,7 +209,7 @@ class SplitServer:
                 if final:
                     cr.uplink_weight_bytes += payload_bytes(reply.content)
                     weights = reply.content.array_records.get(ARRAYS, ArrayRecord())
-                    problem = reply_problem(weights, self.global_bottom, self.cfg.max_update_norm)
+                    problem = reply_problem(weights, self.global_bottom, self.cfg.aggregation.max_update_norm)
                     if problem is not None:
                         raise _Failed(f"bottom weights rejected: {problem}")
                     cr.bottom, cr.num_examples = weights, int(metrics["num-examples"])
@@ -274,9 +274,9 @@ class SplitServer:
     def aggregate(self, results: list[ClientRound]) -> None:
         """Weighted FedAvg of the returned bottoms into the global bottom."""
         done = [r for r in results if r.bottom is not None and r.num_examples > 0]
-        if len(done) < self.cfg.min_survivors:
-            log(WARNING, "fedbert: %d bottoms < %d: global bottom unchanged", len(done), self.cfg.min_survivors)
-            self.recorder.event("kept-global", reason=f"{len(done)} valid bottoms < {self.cfg.min_survivors}")
+        if len(done) < self.cfg.aggregation.min_survivors:
+            log(WARNING, "fedbert: %d bottoms < %d: global bottom unchanged", len(done), self.cfg.aggregation.min_survivors)
+            self.recorder.event("kept-global", reason=f"{len(done)} valid bottoms < {self.cfg.aggregation.min_survivors}")
             return
         total = float(sum(r.num_examples for r in done))
         averaged = {}

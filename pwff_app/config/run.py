@@ -1,0 +1,145 @@
+"""The whole run: top-level keys, the sections, and the combinations a method cannot honour."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from flwr.common.config import unflatten_dict
+from pydantic import BeforeValidator, field_validator, model_validator
+
+from pwff_app.config.base import AGGREGATION_KEYS, Bool, Int, PositiveInt, Scalar, Section, Str, section, validated
+from pwff_app.config.sections import (
+    AggregationConfig,
+    ChannelConfig,
+    DPConfig,
+    FedbertConfig,
+    InstructConfig,
+    TaskConfig,
+)
+from pwff_app.methods import METHODS
+
+
+def _path_text(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+@section
+class RunConfig(Section):
+    """Method, seed, clients, where data and results live, and every section of the tree.
+
+    ``results_dir`` is absolute: ``results-dir``, else ``$PWFF_RESULTS_DIR``, else
+    ``~/.pwff/results`` (the ServerApp runs in the SuperLink's working directory, so a
+    relative path would land somewhere surprising). ``data_dir``: ``data-dir``, else
+    ``$PWFF_DATA_DIR``, else None (the Hugging Face Hub).
+    """
+
+    method: Str = "pftt"
+    seed: Int = 42
+    num_clients: PositiveInt = 4  # the server waits for this many SuperNodes
+    results_dir: Annotated[Path, BeforeValidator(_path_text)] = Path()
+    run_name: Str = ""
+    data_dir: Annotated[Path | None, BeforeValidator(_path_text)] = None
+    resume: Bool = False
+    client_state_dir: Str = ""
+    aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
+    dp: DPConfig = dataclasses.field(default_factory=DPConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
+    fedbert: FedbertConfig = dataclasses.field(default_factory=FedbertConfig)
+    wireless: ChannelConfig = dataclasses.field(default_factory=ChannelConfig)
+    # The flat keys as given, for summary.json.
+    raw: dict[str, Scalar] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Scalar]) -> RunConfig:
+        """Validate Flower's flat run config into the tree; :class:`ConfigError` lists every problem."""
+        tree: dict[str, Any] = unflatten_dict({k: v for k, v in rc.items() if k not in AGGREGATION_KEYS})
+        tree["aggregation"] = AggregationConfig.section_input(rc)
+        tree.setdefault("wireless", {}).update({k: rc[k] for k in ChannelConfig.TOP_LEVEL if k in rc})
+        tree["raw"] = dict(rc)
+        return validated(cls, tree)
+
+    @field_validator("method", mode="after")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"must be one of {sorted(METHODS)}, got {method!r}")
+        return method
+
+    @field_validator("results_dir", mode="before")
+    @classmethod
+    def _results_dir(cls, text: str) -> Path:
+        text = text or os.environ.get("PWFF_RESULTS_DIR", "") or str(Path.home() / ".pwff" / "results")
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            raise ValueError(f"must be an absolute path, got {text!r}")
+        return path
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, text: str | None) -> Path | None:
+        configured = text or ""
+        text = configured or os.environ.get("PWFF_DATA_DIR", "")
+        if not text:
+            return None
+        path = Path(text).expanduser().resolve()
+        if not path.is_dir():
+            source = "" if configured else " (from PWFF_DATA_DIR)"
+            raise ValueError(f"points at {path}{source}, which is not a folder")
+        return path
+
+    @model_validator(mode="after")
+    def _method_can_honour(self) -> RunConfig:
+        problems = method_conflicts(self)
+        if problems:
+            raise ValueError("\nrun config: ".join(problems))
+        return self
+
+    @property
+    def spec(self):
+        """The method's row of :data:`pwff_app.methods.METHODS`."""
+        return METHODS[self.method]
+
+
+def method_conflicts(cfg: RunConfig) -> list[str]:
+    """Settings the configured method would ignore or cannot honour, one sentence each.
+
+    Refused up front, before any folder is created, rather than silently ignored.
+    """
+    spec, agg, problems = cfg.spec, cfg.aggregation, []
+    if cfg.resume and not cfg.run_name:
+        problems.append("'resume' needs 'run-name' (the run to continue)")
+    if cfg.resume and not spec.resumable:
+        problems.append(f"'resume' is not supported for '{cfg.method}' (methods that resume: "
+                        f"{sorted(m for m, s in METHODS.items() if s.resumable)})")
+    if cfg.dp.enabled and not spec.dp:
+        problems.append(f"'dp.noise-multiplier' > 0 is not supported for '{cfg.method}': set it to 0, or use one "
+                        f"of {sorted(m for m, s in METHODS.items() if s.dp)}")
+    if spec.protocol == "local" and agg != AggregationConfig(min_survivors=agg.min_survivors):
+        problems.append(f"'{cfg.method}' aggregates nothing: leave 'aggregator', 'trim-fraction' and "
+                        f"'max-update-norm' at their defaults")
+    if agg.aggregator == "trimmed-mean" and agg.trimmed_per_side(cfg.num_clients) == 0:
+        problems.append(f"'trim-fraction' {agg.trim_fraction} with {cfg.num_clients} clients trims "
+                        f"int({agg.trim_fraction} x {cfg.num_clients}) = 0 replies per side: use a "
+                        f"'trim-fraction' >= {1 / cfg.num_clients:.3g} (and < 0.5), or more clients")
+    default = InstructConfig()
+    for name, value in spec.instruct_overrides.items():
+        if getattr(cfg.instruct, name) != getattr(default, name):
+            key = "instruct." + name.replace("_", "-")
+            problems.append(f"'{key}' is fixed to {value!r} by method '{cfg.method}' (its row in methods.py): "
+                            f"leave it at its default")
+    return problems
+
+
+def app_defaults(project_dir: Path | str = ".") -> dict[str, Scalar]:
+    """The flat ``[tool.flwr.app.config]`` defaults of a project's ``pyproject.toml``."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    with (Path(project_dir) / "pyproject.toml").open("rb") as f:
+        return dict(flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"]))

@@ -1,0 +1,240 @@
+"""The sections of the config tree, one pydantic model each; field defaults = ``pyproject.toml``.
+
+Units are in the names or the comments: ``*_hz``, ``*_w`` (watts), ``*_db``, ``*_bps``
+(bits per second), ``*_bits``; learning rates are per optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BeforeValidator, Field, Strict, TypeAdapter, field_validator, model_validator
+
+from pwff_app.config.base import (
+    AGGREGATION_KEYS,
+    Aggregator,
+    Bool,
+    Float,
+    Int,
+    DownlinkMiss,
+    FedbertTrain,
+    LossModel,
+    MaskRule,
+    NonNegative,
+    NonNegativeInt,
+    NumberList,
+    Positive,
+    PositiveInt,
+    Scalar,
+    Section,
+    Str,
+    section,
+    _weight_pairs,
+)
+
+Direction = Literal["up", "down"]
+
+
+@section
+class AggregationConfig(Section):
+    """How the server combines replies: Flower's FedAvg, FedMedian or FedTrimmedAvg, and reply checks."""
+
+    aggregator: Aggregator = "fedavg"
+    trim_fraction: Annotated[float, Strict(), Field(ge=0, lt=0.5)] = 0.2  # trimmed-mean: share cut at each end
+    max_update_norm: NonNegative = 0.0  # L2 bound on (reply - global); 0 = off
+    min_survivors: PositiveInt = 1  # fewer valid replies: the global stays
+
+    @classmethod
+    def section_input(cls, rc: Mapping[str, Scalar]) -> dict[str, Scalar]:
+        return {k: rc[k] for k in AGGREGATION_KEYS if k in rc}  # top-level keys, no prefix
+
+    def trimmed_per_side(self, num_replies: int) -> int:
+        """Replies FedTrimmedAvg cuts at each end: ``int(trim_fraction * n)`` (Flower's rule)."""
+        return int(self.trim_fraction * num_replies)
+
+
+@section
+class DPConfig(Section):
+    """Client-side DP of the shared update: clip to ``clipping_norm`` (L2), noise std = multiplier x clip / n."""
+
+    SECTION: ClassVar[str] = "dp"
+    noise_multiplier: NonNegative = 0.0  # 0 = off
+    clipping_norm: Positive = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+
+@section
+class TaskConfig(Section):
+    """Task tuning (PFTT and contenders): model, data, local training."""
+
+    SECTION: ClassVar[str] = "task"
+    num_rounds: PositiveInt = 5
+    model_name: Str = ""  # "" = offline all-MiniLM-L6-v2; any HF encoder id or path
+    dataset: Str = "fancyzhx/ag_news"  # Hub id, used when no data folder is set
+    alpha: Positive = 0.5  # Dirichlet concentration over labels (smaller = more skew)
+    max_train_samples: NonNegativeInt = 400  # per client, 0 = all
+    max_test_samples: NonNegativeInt = 300  # per client, 0 = all
+    max_length: PositiveInt = 64  # tokens
+    batch_size: PositiveInt = 32
+    local_epochs: PositiveInt = 1
+    lr: Positive = 0.002
+    backbone_lr: Positive = 5e-5  # used instead of lr when a method trains the encoder itself
+    adapter_size: PositiveInt = 64  # bottleneck width of the shared adapters
+    lora_rank: PositiveInt = 8  # at resource level 1.0
+    lora_alpha: PositiveInt = 16
+    resource_levels: NumberList = (1.0, 0.8, 1.0, 0.8)  # per client (cycled), in (0, 1]
+
+    @field_validator("resource_levels")
+    @classmethod
+    def _levels_in_range(cls, levels: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < r <= 1 for r in levels):
+            raise ValueError(f"values must be in (0, 1], got {levels}")
+        return levels
+
+    def resource_level(self, client_id: int) -> float:
+        """Resource level of a client in (0, 1]; the list is cycled over client ids."""
+        return self.resource_levels[client_id % len(self.resource_levels)]
+
+
+@section
+class InstructConfig(Section):
+    """Instruction tuning (PFIT and contenders). Defaults fit 4 clients on 2 cores.
+
+    ``use_lora``, ``personal_start`` and ``eval_seed`` are no run-config keys: the method's
+    row in :data:`pwff_app.methods.METHODS` sets them (:meth:`for_method`).
+    """
+
+    SECTION: ClassVar[str] = "instruct"
+    num_rounds: PositiveInt = 5
+    policy_name: Str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
+    max_new_tokens: PositiveInt = 24  # response length cap, tokens
+    prompts_per_round: PositiveInt = 16  # distinct prompts per client, split over ppo_steps rollout batches
+    samples_per_prompt: PositiveInt = 4  # responses per prompt (group baseline)
+    ppo_steps: PositiveInt = 4  # rollout + PPO update steps per round
+    ppo_epochs: PositiveInt = 2  # PPO epochs per rollout batch
+    eval_prompts: PositiveInt = 16  # fixed held-out prompts, the same for every client
+    eval_samples: PositiveInt = 8  # sampled responses per held-out prompt
+    sparsity: NumberList = (0.4,)  # per client, cycled: share of attention weights not updated, in [0, 1)
+    mask_rule: MaskRule = "magnitude"
+    reward_weights: Annotated[tuple[tuple[float, float], ...], BeforeValidator(_weight_pairs)] = (
+        (0.8, 0.2), (0.2, 0.8))  # per client (w_help, w_safe), cycled
+    reward_models: Literal["both", "helpfulness"] = "both"
+    mu: NonNegative = 0.01  # proximal weight toward the global
+    lr: Positive = 2e-4  # Adam step size
+    kl_coef: NonNegative = 0.05  # per-token KL penalty to the pretrained reference
+    temperature: Positive = 0.7  # sampling temperature (rollouts and held-out evaluation)
+    gae_lambda: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0
+    lora_rank: PositiveInt = 8  # LoRA rank when the method uses LoRA (shepherd)
+    use_lora: Bool = False
+    personal_start: Bool = True
+    eval_seed: Int = 1234
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_range(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= s < 1.0 for s in values):
+            raise ValueError(f"must be a comma list of numbers in [0, 1), got {values}")
+        return values
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> InstructConfig:
+        if self.prompts_per_round < self.ppo_steps:
+            raise ValueError(f"'instruct.prompts-per-round' ({self.prompts_per_round}) must be >= "
+                             f"'instruct.ppo-steps' ({self.ppo_steps})")
+        return self
+
+    def for_method(self, method: str) -> InstructConfig:
+        """The settings a method actually uses: its row's overrides (paper V-B, Fig. 4)."""
+        from pwff_app.methods import METHODS
+
+        return dataclasses.replace(self, **METHODS[method].instruct_overrides)
+
+    @property
+    def bundle_lora_rank(self) -> int:
+        return self.lora_rank if self.use_lora else 0
+
+    @property
+    def prompts_per_step(self) -> int:
+        return math.ceil(self.prompts_per_round / self.ppo_steps)
+
+    def client_sparsity(self, client_id: int) -> float:
+        return self.sparsity[client_id % len(self.sparsity)]
+
+    def client_weights(self, client_id: int) -> tuple[float, float]:
+        """(w_help, w_safe) of a client; with only the helpfulness model, (1, 0)."""
+        if self.reward_models == "helpfulness":
+            return (1.0, 0.0)
+        return self.reward_weights[client_id % len(self.reward_weights)]
+
+    def ppo_config(self) -> Any:
+        """The PPO trainer's config (:class:`pwff_app.instruct.ppo.PPOConfig`) for these settings."""
+        from pwff_app.instruct.ppo import PPOConfig
+
+        b = self.prompts_per_step * self.samples_per_prompt  # sequences per rollout batch
+        return PPOConfig(lr=self.lr, batch_size=b, mini_batch_size=min(8, b), ppo_epochs=self.ppo_epochs,
+                         kl_coef=self.kl_coef, mu=self.mu, max_new_tokens=self.max_new_tokens,
+                         temperature=self.temperature, lam=self.gae_lambda,
+                         samples_per_prompt=self.samples_per_prompt)
+
+
+@section
+class FedbertConfig(Section):
+    """FedBERT split learning: ``split_layer`` encoder layers on the client; ``lr`` 0 = the mode's default."""
+
+    SECTION: ClassVar[str] = "fedbert"
+    split_layer: NonNegativeInt = 2
+    train: FedbertTrain = "full"  # full (all but token embeddings) | all | adapter
+    lr: NonNegative = 0.0  # 0 = 5e-5 for full/all, task.lr for adapter
+
+
+@section
+class ChannelConfig(Section):
+    """Wireless link settings (Rayleigh block fading; see ``docs/wireless.md``).
+
+    ``enabled`` False = an ideal link: nothing delayed, lost or spent. ``seed`` (the run's)
+    keys the fading draws. ``snr_db`` is the average receive SNR in dB per client, cycled by
+    client id (both directions). ``bandwidth_hz`` is each client's orthogonal band in Hz.
+    ``client_power_w`` / ``server_power_w`` are transmit powers in W (energy only: the SNR is
+    set directly). ``loss_model``: ``packet`` (per-packet errors with ``waterfall_db`` and at
+    most ``max_retx`` retransmissions of ``packet_bits``-bit packets), ``outage`` (lost below
+    ``target_rate_bps``) or ``none``. ``downlink_miss``: ``stale`` (train on the last copy) or
+    ``skip`` (sit the round out). ``realtime`` sleeps the simulated delays.
+    """
+
+    SECTION: ClassVar[str] = "wireless"
+    TOP_LEVEL: ClassVar[tuple[str, ...]] = ("seed",)
+    enabled: Bool = True
+    seed: Int = 42
+    snr_db: NumberList = (5.0,)
+    bandwidth_hz: Positive = 1e6
+    client_power_w: Positive = 0.2
+    server_power_w: Positive = 1.0
+    loss_model: LossModel = "packet"
+    packet_bits: PositiveInt = 8192
+    waterfall_db: Float = -10.0
+    max_retx: NonNegativeInt = 3
+    target_rate_bps: Positive = 1e6
+    downlink_miss: DownlinkMiss = "stale"
+    realtime: Bool = False
+
+    def client_snr_db(self, client_id: int) -> float:
+        """Average SNR in dB of a client's link (the list is cycled over client ids)."""
+        return self.snr_db[client_id % len(self.snr_db)]
+
+    def power_w(self, direction: Direction) -> float:
+        """Transmit power in W of the sender in ``direction`` (client up, server down)."""
+        return self.client_power_w if direction == "up" else self.server_power_w
+
+    def as_run_config(self) -> dict[str, Scalar]:
+        """The settings as flat run-config keys (for ``summary.json``)."""
+        flat: dict[str, Scalar] = {"seed": self.seed}
+        for name, value in TypeAdapter(ChannelConfig).dump_python(self, by_alias=True).items():
+            if name != "seed":
+                flat[f"wireless.{name}"] = ",".join(f"{s:g}" for s in value) if name == "snr-db" else value
+        return flat
