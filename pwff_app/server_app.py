@@ -97,14 +97,9 @@ def main(grid: Grid, context: Context) -> None:
                    "num_sampled_clients": cfg.num_clients}
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.task.num_rounds - done)
 
-    private = {}
-    for record in recorder.rounds:
-        for cid, c in record["clients"].items():
-            if "private_params" in c:
-                private[cid] = c["private_params"]
     path = recorder.finish({
         "num_clients": cfg.num_clients,
-        "params": {"shared": count_params(model, spec.shared), "private": private},
+        "params": {"shared": count_params(model, spec.shared), "private": recorder.private_params()},
         "aggregator": cfg.aggregation.aggregator,
         "wireless": wireless_block(),
         "privacy": privacy,

@@ -111,6 +111,15 @@ class RunRecorder:
         last = dict(sorted(last.items(), key=lambda kv: int(kv[0])))
         return {"per_client": last, "mean": statistics.fmean(last.values()) if last else None}
 
+    def private_params(self) -> dict[str, int]:
+        """Each client's count of private (never sent) parameters, as its replies reported it."""
+        out: dict[str, int] = {}
+        for r in self.rounds:
+            for cid, c in r["clients"].items():
+                if "private_params" in c:
+                    out[cid] = c["private_params"]
+        return out
+
     def finish(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json`` (recorder fields + ``summary``) and return its folder."""
         data = {

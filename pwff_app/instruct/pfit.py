@@ -495,15 +495,10 @@ def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> d
     strategy.aggregate_evaluate(0, baseline)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=icfg.num_rounds)
 
-    private: dict[str, int] = {}
-    for record in recorder.rounds:
-        for cid, c in record["clients"].items():
-            if "private_params" in c:
-                private[cid] = c["private_params"]
     return {
         "num_clients": cfg.num_clients,
         "reward": _reward_block(recorder),
-        "params": {"shared": sum(v.numel() for v in initial_state.values()), "private": private},
+        "params": {"shared": sum(v.numel() for v in initial_state.values()), "private": recorder.private_params()},
         "sparsity": {"per_client": {str(c): icfg.client_sparsity(c) for c in range(cfg.num_clients)},
                      "mask_rule": icfg.mask_rule, "uplink": "sparse (masked attention values + dense rest)",
                      "downlink": "dense"},
