@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pwff_app.experiments.reproduce import free_port, stop_local_superlink
+from pwff_app.experiments.launch import free_port, stop_local_superlink
 from tests.conftest import ROOT
 
 

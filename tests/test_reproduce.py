@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pwff_app.experiments import cli, reproduce
+from pwff_app.experiments import cli, profiles, reproduce, tables
 
 # method -> seed -> (final accuracy, uplink bytes/round, ergodic delay, total energy, per-round acc)
 FAKE = {
@@ -49,7 +49,7 @@ def fake_out(tmp_path: Path) -> Path:
 
 
 def test_aggregate_exact_means_and_stds(fake_out):
-    rows = reproduce.aggregate_runs(reproduce.find_run_dirs(fake_out))
+    rows = tables.aggregate_runs(tables.find_run_dirs(fake_out))
     assert [r["method"] for r in rows] == ["pftt", "fedlora"]  # ALL_METHODS order
     pftt, fedlora = rows
     assert pftt["n_seeds"] == 2 and pftt["seeds"] == [1, 2]
@@ -78,14 +78,14 @@ def test_single_seed_std_is_zero_and_missing_is_none(tmp_path):
     s = json.loads((d / "summary.json").read_text())
     s["wireless"]["ergodic_uplink_delay_s"] = None
     (d / "summary.json").write_text(json.dumps(s))
-    (row,) = reproduce.aggregate_runs([d])
+    (row,) = tables.aggregate_runs([d])
     assert row["accuracy_mean"] == 0.5 and row["accuracy_std"] == 0.0 and row["n_seeds"] == 1
     assert row["ergodic_uplink_delay_s_mean"] is None and row["uplink_bytes_per_round_mean"] == 0
 
 
 def test_outputs_written(fake_out):
-    rows = reproduce.aggregate_runs(reproduce.find_run_dirs(fake_out))
-    files = reproduce.write_outputs(fake_out, rows)
+    rows = tables.aggregate_runs(tables.find_run_dirs(fake_out))
+    files = tables.write_outputs(fake_out, rows)
     names = {p.name for p in files}
     assert {"comparison.csv", "comparison.md", "accuracy_vs_round.png", "uplink_bytes_per_round.png",
             "uplink_delay_per_round.png"} <= names
@@ -134,7 +134,7 @@ def test_resume_skips_finished_runs(tmp_path):
 
 
 def test_full_profile_is_the_paper():
-    rc = reproduce.build_run_config("pftt", 1, Path("/tmp/x"), "full")
+    rc = profiles.build_run_config("pftt", 1, Path("/tmp/x"), "full")
     assert "task.num-rounds=40" in rc and "max-train-samples" not in rc and "wireless" not in rc
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    from pwff_app.experiments.reproduce import ALL_METHODS, DEFAULT_SEED_BASE, PROFILES
+    from pwff_app.experiments.profiles import ALL_METHODS, DEFAULT_SEED_BASE, PROFILES
 
     p = sub.add_parser("reproduce", help="reproduce a figure of the paper through real `flwr run`s")
     which = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from pwff_app.experiments import reproduce
+    from pwff_app.experiments import reproduce, tables
 
     profile = "quick" if args.quick else "full"
     out = args.out or Path("pwff-reproduce") / f"pftt-{profile}"
@@ -56,14 +56,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 2
     seeds = list(range(args.seed_base, args.seed_base + args.seeds))
     if args.aggregate_only:
-        names = {reproduce.run_name(m, s) for m in args.methods for s in seeds}
-        rows = reproduce.aggregate_runs([d for d in reproduce.find_run_dirs(out) if d.name in names],
-                                        method_order=args.methods)
+        rows, files = reproduce.tabulate(out, args.methods, seeds, profile)
         if not rows:
             print(f"pwff: no finished runs under {out}/runs", file=sys.stderr)
             return 1
-        files = reproduce.write_outputs(out, rows, header=reproduce.profile_header(profile, seeds))
-        print(reproduce.markdown_table(rows))
+        print(tables.markdown_table(rows))
         print("\n".join(str(p) for p in files))
         return 0
     result = reproduce.reproduce_pftt(out, profile=profile, seeds=seeds, methods=args.methods,

@@ -1,6 +1,6 @@
 """PNG plots of a reproduction (matplotlib, Agg backend: no display needed).
 
-Each function takes the rows of :func:`pwff_app.experiments.reproduce.aggregate_runs` and a path, and
+Each function takes the rows of :func:`pwff_app.experiments.tables.aggregate_runs` and a path, and
 returns the path it wrote.
 """
 

@@ -1,0 +1,99 @@
+"""One ``flwr run`` of this app on a private local SuperLink, and stopping that SuperLink.
+
+``flwr run`` against a local federation starts a detached SuperLink on Flower's fixed ports
+(127.0.0.1:39091) and leaves it running. Here every launch gets its own ``FLWR_HOME`` and, via
+``ports``, its own SuperLink ports, so runs never land on another user's SuperLink and ours can
+be stopped without touching theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+FEDERATION_CONFIG = "num-supernodes=4 client-resources-num-cpus=1"
+
+
+def stop_local_superlink(flwr_home: Path) -> list[int]:
+    """End the detached local SuperLink (and its SuperExec children) that ``flwr run`` left
+    running for this ``FLWR_HOME``. Matches processes by the FLWR_HOME path in their command
+    line or environment, so other users' SuperLinks are untouched. Returns the PIDs signalled."""
+    home = str(Path(flwr_home).resolve())
+    me = os.getpid()
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        if "superlink" not in cmdline and "superexec" not in cmdline:
+            continue
+        mine = home in cmdline
+        if not mine:
+            try:
+                mine = f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes()
+            except OSError:
+                mine = False
+        if mine:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+                killed.append(int(proc.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's ephemeral pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_flwr_run(app_dir: Path, run_config: str, flwr_home: Path, log_path: Path,
+                    data_dir: Path | None, timeout_s: float, ports: tuple[int, int] | None = None) -> int:
+    """One ``flwr run <app> --stream`` with a private FLWR_HOME; output goes to ``log_path``.
+
+    ``ports`` (SuperLink HTTP API, control API) moves the local SuperLink off Flower's fixed
+    127.0.0.1:39091: without it, ``flwr run`` silently submits to whichever local SuperLink
+    another user or test already started there (and we could not stop ours safely).
+
+    Returns the exit status (124 on timeout; the SuperLink is then stopped so the next run
+    starts clean)."""
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    if ports:
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"] = map(str, ports)
+    if data_dir is not None:
+        env["PWFF_DATA_DIR"] = str(Path(data_dir).resolve())
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr) if flwr.exists() else "flwr", "run", str(Path(app_dir).resolve()), "--stream",
+           "--federation-config", FEDERATION_CONFIG, "--run-config", run_config]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout_s, cwd=str(flwr_home))
+            return proc.returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[pwff reproduce] timed out after {timeout_s:.0f} s\n")
+            stop_local_superlink(flwr_home)
+            return 124
+
+
+def log_tail(path: Path, n: int = 3) -> str:
+    """The last ``n`` non-blank lines of a run log, joined, at most 300 characters: why it failed."""
+    try:
+        lines = [ln for ln in path.read_text(errors="ignore").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[-300:]

@@ -1,0 +1,209 @@
+"""Reading finished runs and tabulating them: mean ± std over seeds, CSV and Markdown.
+
+A pure function of the run folders (``summary.json`` and ``rounds.jsonl`` under
+``<out>/runs/<method>-seed<seed>/``): :func:`aggregate_runs` gives one row per method,
+:func:`write_outputs` writes ``comparison.csv`` / ``comparison.md`` and the plots of
+:mod:`pwff_app.experiments.plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pwff_app.experiments.profiles import ALL_METHODS
+
+# Columns of comparison.csv: (key, header in comparison.md).
+METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "final personalized accuracy"),
+    ("uplink_bytes_per_round", "uplink bytes / round (all clients)"),
+    ("downlink_bytes_per_round", "downlink bytes / round (all clients)"),
+    ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)"),
+    ("median_uplink_delay_s", "uplink delay, median (s)"),
+    ("mean_uplink_delay_s", "uplink delay / round, mean over fades (s)"),
+    ("energy_per_round_j", "energy / round (J)"),
+    ("latency_per_round_s", "round latency (s)"),
+    ("uplink_loss_rate", "uplink updates lost"),
+)
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _seed_of(run_dir: Path, summary: dict[str, Any]) -> int | None:
+    seed = (summary.get("config") or {}).get("seed")
+    if seed is not None:
+        return int(seed)
+    name = run_dir.name
+    if "-seed" in name:
+        try:
+            return int(name.rsplit("-seed", 1)[1].split("-")[0])
+        except ValueError:
+            return None
+    return None
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """The numbers of one finished run folder (its ``summary.json`` and ``rounds.jsonl``)."""
+    run_dir = Path(run_dir)
+    s = json.loads((run_dir / "summary.json").read_text())
+    w = s.get("wireless") or {}
+    n_rounds = _num(w.get("rounds")) or _num(s.get("num_rounds"))
+    energy = _num(w.get("total_energy_j"))
+    comm = s.get("comm") or {}
+    curve: list[tuple[int, float]] = []
+    rounds_path = run_dir / "rounds.jsonl"
+    if rounds_path.exists():
+        for line in rounds_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                acc = _num(r.get("accuracy_mean"))
+                if acc is not None:
+                    curve.append((int(r["round"]), acc))
+    return {
+        "method": s.get("method") or run_dir.name.rsplit("-seed", 1)[0],
+        "seed": _seed_of(run_dir, s),
+        "run_dir": str(run_dir),
+        "accuracy": _num((s.get("accuracy") or {}).get("mean")),
+        "uplink_bytes_per_round": _num((comm.get("uplink_bytes_per_round") or {}).get("total")),
+        "downlink_bytes_per_round": _num((comm.get("downlink_bytes_per_round") or {}).get("total")),
+        "ergodic_uplink_delay_s": _num(w.get("ergodic_uplink_delay_s")),
+        "median_uplink_delay_s": _num(w.get("median_uplink_delay_s")),
+        "mean_uplink_delay_s": _num(w.get("mean_uplink_delay_s")),
+        "energy_per_round_j": energy / n_rounds if energy is not None and n_rounds else None,
+        "latency_per_round_s": _num(w.get("mean_round_latency_s")),
+        "uplink_loss_rate": _num(w.get("loss_rate")),
+        "num_rounds": s.get("num_rounds"),
+        "curve": curve,
+    }
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n-1; 0 for one value) of the non-missing values."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_METHODS) -> list[dict[str, Any]]:
+    """One row per method: ``<metric>_mean`` / ``<metric>_std`` over seeds for every metric of
+    :data:`METRICS`, ``n_seeds``, ``seeds`` and the mean +- std accuracy ``curve`` by round.
+
+    Folders without ``summary.json`` are ignored. Methods follow ``method_order``, then others.
+    """
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for d in run_dirs:
+        if (Path(d) / "summary.json").exists():
+            r = read_run(Path(d))
+            by_method.setdefault(r["method"], []).append(r)
+    order = [m for m in method_order if m in by_method] + sorted(m for m in by_method if m not in method_order)
+    rows = []
+    for m in order:
+        runs = sorted(by_method[m], key=lambda r: (r["seed"] is None, r["seed"] or 0))
+        row: dict[str, Any] = {"method": m, "n_seeds": len(runs), "seeds": [r["seed"] for r in runs]}
+        for key, _ in METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(r[key] for r in runs)
+        by_round: dict[int, list[float]] = {}
+        for r in runs:
+            for rnd, acc in r["curve"]:
+                by_round.setdefault(rnd, []).append(acc)
+        row["curve"] = [(rnd, *mean_std(v), len(v)) for rnd, v in sorted(by_round.items())]
+        rows.append(row)
+    return rows
+
+
+def find_run_dirs(out_dir: Path) -> list[Path]:
+    """The run folders under ``<out_dir>/runs``, finished or not, sorted by name."""
+    runs = Path(out_dir) / "runs"
+    return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``comparison.csv``: one row per method, ``<metric>_mean`` / ``<metric>_std`` columns."""
+    header = ["method", "n_seeds", "seeds"] + [f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std")]
+    with Path(path).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for row in rows:
+            out = []
+            for h in header:
+                v = row.get(h)
+                out.append(" ".join(str(s) for s in v) if h == "seeds" else ("" if v is None else v))
+            w.writerow(out)
+    return Path(path)
+
+
+def _fmt(mean: float | None, std: float | None, kind: str) -> str:
+    if mean is None:
+        return "n/a"
+    if kind == "acc":
+        return f"{mean:.4f} ± {std:.4f}"
+    if kind == "pct":
+        return f"{100 * mean:.0f}% ± {100 * std:.0f}%"
+    if kind == "bytes":
+        return f"{mean:,.0f} ± {std:,.0f}"
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison table: mean ± sample std over seeds, one row per method."""
+    cols = [("accuracy", "final personalized accuracy", "acc"),
+            ("uplink_bytes_per_round", "uplink bytes / round", "bytes"),
+            ("downlink_bytes_per_round", "downlink bytes / round", "bytes"),
+            ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)", "float"),
+            ("median_uplink_delay_s", "uplink delay, median (s)", "float"),
+            ("energy_per_round_j", "energy / round (J)", "float"),
+            ("uplink_loss_rate", "uplink updates lost", "pct"),
+            ("n_seeds", "seeds", "int")]
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for row in rows:
+        cells = [str(row["n_seeds"]) if k == "n_seeds" else _fmt(row[f"{k}_mean"], row[f"{k}_std"], kind)
+                 for k, _, kind in cols]
+        lines.append(f"| `{row['method']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+MD_NOTES = """
+Mean ± sample standard deviation (n−1) over seeds. *Final personalized accuracy*: mean over
+the 4 clients of each client's accuracy on its own test split in the last round
+(`summary.json` `accuracy.mean`). *Bytes / round*: summed over the 4 clients, mean over rounds
+(`comm.*_bytes_per_round.total`). *Uplink delay / round, ergodic*: mean over rounds of the
+mean over clients of payload / (B · E[log2(1 + SNR·|h|²)]) — the Rayleigh delay's own mean is
+infinite, so the per-fade mean (`mean_uplink_delay_s`, in comparison.csv) is dominated by
+deep fades; the median over all uplinks is shown as well. *Energy / round*: uplink + downlink
+transmit energy of all clients, `wireless.total_energy_j` / rounds. *Uplink bytes* count
+delivered updates only (a lost update is not in `comm`); *uplink updates lost* is the share of
+attempted uplinks lost after retransmissions (`wireless.loss_rate`).
+"""
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = "PFTT vs contenders (Fig. 5)",
+                   header: str = "") -> Path:
+    """``comparison.md``: title, ``header`` (what was run), the table and how to read it."""
+    text = f"# {title}\n\n" + (header.strip() + "\n\n" if header else "") + markdown_table(rows) + MD_NOTES
+    Path(path).write_text(text)
+    return Path(path)
+
+
+def write_outputs(out_dir: Path, rows: Sequence[dict[str, Any]], header: str = "") -> list[Path]:
+    """comparison.csv, comparison.md and the PNG plots into ``out_dir``."""
+    from pwff_app.experiments import plots  # lazy: matplotlib loads only when plots are drawn
+
+    out_dir = Path(out_dir)
+    files = [write_csv(rows, out_dir / "comparison.csv"), write_markdown(rows, out_dir / "comparison.md", header=header)]
+    files += plots.plot_all(rows, out_dir)
+    return files
