@@ -25,6 +25,9 @@ from pwff_app.experiments.profiles import (ALL_METHODS, PROFILES, RUN_TIMEOUT_S,
                                            profile_header, run_name)
 from pwff_app.experiments.tables import aggregate_runs, find_run_dirs, markdown_table, write_outputs
 
+# The Flower app `flwr run` is given: the project folder (its pyproject.toml), above pwff_app/.
+APP_DIR = Path(__file__).resolve().parents[2]
+
 
 @dataclass
 class RunResult:
@@ -63,7 +66,7 @@ def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence
     Seeds are the outer loop, so a partial reproduction has every method for the first seeds.
     ``launch`` defaults to :func:`~pwff_app.experiments.launch.launch_flwr_run` (tests replace it)."""
     launch = launch or launch_flwr_run
-    app_dir = Path(app_dir) if app_dir else Path(__file__).resolve().parent.parent
+    app_dir = Path(app_dir) if app_dir else APP_DIR
     out_dir = Path(out_dir)
     runs_dir, logs_dir, flwr_home = out_dir / "runs", out_dir / "logs", (out_dir / "flwr-home").resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
