@@ -162,7 +162,7 @@ def test_cli_rejects_unknown_method(capsys):
 
 
 def test_cli_train_rewards_forwards(monkeypatch):
-    import pwff_app.instruct.rewards.model as rewards
+    from pwff_app.instruct import rewards
 
     got = []
     monkeypatch.setattr(rewards, "main", lambda argv: got.append(argv) or 0)

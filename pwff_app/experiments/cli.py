@@ -1,7 +1,7 @@
 """The ``pwff`` command.
 
     pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
-    pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.model.main)
+    pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.main)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pwff", description="pwff: personalized wireless federated fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _reproduce_parser(sub)
-    sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.instruct.rewards.model)", add_help=False)
+    sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.instruct.rewards)", add_help=False)
     return parser
 
 
@@ -71,7 +71,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-rewards":
-        from pwff_app.instruct.rewards import model as rewards  # lazy: torch and friends load only for this command
+        from pwff_app.instruct import rewards  # lazy: torch and friends load only for this command
 
         rc = rewards.main(argv[1:])
         return int(rc or 0)
