@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from pwff_app.config import ConfigError, RunConfig
 from pwff_app.files import write_atomic, write_npz_atomic
 
 
@@ -31,3 +32,22 @@ def load_checkpoint(out_dir: Path) -> tuple[int, ArrayRecord, dict] | None:
     with np.load(out_dir / "checkpoint.npz") as f:
         arrays = ArrayRecord({k: Array(f[k]) for k in f.files})
     return int(meta.pop("round")), arrays, meta
+
+
+def checkpoint_meta(cfg: RunConfig) -> dict:
+    """What a checkpoint records of its run, and what a resumed run must match."""
+    return {"method": cfg.method, "seed": cfg.seed}
+
+
+def resume_point(out_dir: Path, meta: dict) -> tuple[int, ArrayRecord]:
+    """(rounds done, global arrays) to continue ``out_dir`` from; one-line error if impossible.
+
+    ``meta`` is what the run must have been (:func:`checkpoint_meta`): another run's checkpoint is refused.
+    """
+    checkpoint = load_checkpoint(out_dir)
+    if checkpoint is None:
+        raise ConfigError(f"run config: 'resume' is set but {out_dir} holds no checkpoint")
+    done, arrays, saved = checkpoint
+    if any(saved.get(k) != v for k, v in meta.items()):
+        raise ConfigError(f"run config: checkpoint in {out_dir} is {saved}, not {meta}")
+    return done, arrays

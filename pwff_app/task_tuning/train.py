@@ -98,7 +98,7 @@ def train_local(model: nn.Module, loader: DataLoader, epochs: int, lr: float) ->
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+def evaluate_model(model: nn.Module, loader: DataLoader) -> dict[str, float]:
     """Accuracy and mean cross-entropy on a loader."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
