@@ -135,7 +135,7 @@ METHODS: dict[str, MethodSpec] = {
               "PFL (paper V-B): PFIT without sparse attention (dense upload)", sparsity=(0.0,)),
         _spec("sfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
               "SFL (paper V-B): helpfulness reward only, 20% sparse attention",
-              sparsity=(0.2,), reward_models="helpfulness"),
+              sparsity=(0.2,), reward_models="helpfulness", reward_weights=((1.0, 0.0),)),
         # Shepherd (Zhang et al. 2023): LoRA, FedAvg of LoRA, no personalisation, no proximal term.
         _spec("shepherd", "instruct", {"lora"}, {"lora", "head"}, {"lora"}, False, "fedavg",
               "Shepherd (Zhang et al. 2023): LoRA on the last two blocks' attention, FedAvg'd; equal reward weights",

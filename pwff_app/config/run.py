@@ -127,6 +127,9 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
                         f"int({agg.trim_fraction} x {cfg.num_clients}) = 0 replies per side: use a "
                         f"'trim-fraction' >= {1 / cfg.num_clients:.3g} (and < 0.5), or more clients")
     default = InstructConfig()
+    if cfg.instruct.reward_models == "helpfulness" and cfg.instruct.reward_weights != default.reward_weights:
+        problems.append("'instruct.reward-weights' has no effect with 'instruct.reward-models' = 'helpfulness' "
+                        "(every client scores helpfulness only): leave it at its default")
     for name, value in spec.instruct_overrides.items():
         if getattr(cfg.instruct, name) != getattr(default, name):
             key = "instruct." + name.replace("_", "-")
