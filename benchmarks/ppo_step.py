@@ -22,7 +22,9 @@ import torch
 
 from pwff_app.instruct.pfit import client_prompts, get_bundle
 from pwff_app.instruct.policy import frozen_prefix_blocks, load_trainable_state, trainable_state
-from pwff_app.instruct.ppo import PPOConfig, format_prompt, generate_rollouts, make_optimizer, ppo_step
+from pwff_app.instruct.ppo import PPOConfig, make_optimizer, ppo_step
+from pwff_app.instruct.prompts import format_prompt
+from pwff_app.instruct.rollouts import generate_rollouts
 from pwff_app.instruct.sparse_attention import build_attention_masks, enable_sparse_attention
 
 

@@ -19,7 +19,8 @@ import time
 import torch
 
 from pwff_app.instruct.pfit import client_prompts, get_bundle
-from pwff_app.instruct.ppo import format_prompt, generate_rollouts
+from pwff_app.instruct.prompts import format_prompt
+from pwff_app.instruct.rollouts import generate_rollouts
 from pwff_app.instruct.sparse_attention import enable_sparse_attention
 
 

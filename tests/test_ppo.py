@@ -21,23 +21,21 @@ from pwff_app.instruct.ppo import (
     PPOConfig,
     clipped_surrogate_loss,
     exact_sequence_kl,
-    format_prompt,
     gae,
-    generate_rollouts,
     group_baseline,
     kl_penalty_rewards,
-    load_alpaca,
     logprobs_and_values,
     make_optimizer,
     ppo_step,
     proximal_penalty,
     reference_logprobs,
     sequence_kl,
-    truncate_after_eos,
     value_loss,
     whiten,
     with_prefix,
 )
+from pwff_app.instruct.prompts import format_prompt, load_alpaca
+from pwff_app.instruct.rollouts import generate_rollouts, truncate_after_eos
 from pwff_app.instruct.sparse_attention import build_attention_masks, enable_sparse_attention
 
 

@@ -15,7 +15,8 @@ from pwff_app.instruct.policy import (
     trainable_state,
 )
 from pwff_app.testing.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
-from pwff_app.instruct.ppo import Rollouts, logprobs_and_values
+from pwff_app.instruct.ppo import logprobs_and_values
+from pwff_app.instruct.rollouts import Rollouts
 from pwff_app.instruct.sparse_attention import (
     aggregate_sparse,
     attended_pairs,

@@ -46,15 +46,9 @@ from pwff_app.instruct.policy import (
     load_trainable_state,
     trainable_state,
 )
-from pwff_app.instruct.ppo import (
-    PPOConfig,
-    format_prompt,
-    generate_rollouts,
-    load_alpaca,
-    exact_sequence_kl,
-    make_optimizer,
-    ppo_step,
-)
+from pwff_app.instruct.ppo import exact_sequence_kl, make_optimizer, ppo_step
+from pwff_app.instruct.prompts import _raw_prompt, _round_prompts, client_prompts, format_prompt
+from pwff_app.instruct.rollouts import generate_rollouts
 from pwff_app.federation.results import RunRecorder
 from pwff_app.instruct.sparse_attention import (
     aggregate_sparse,
@@ -70,7 +64,6 @@ from pwff_app.federation.strategy import AGGREGATORS, _PartialMixin, reply_probl
 
 N_BLOCKS = 2  # paper: "we only train the last two layers"
 _VALUE_PREFIX, _LOCAL_PREFIX = "value_head.", "local/"
-MAX_PROMPT_CHARS = 400  # Alpaca records whose instruction + input is longer are dropped
 
 
 # ---------------------------------------------------------------- policy and rewards, cached per process
@@ -139,35 +132,6 @@ def load_rewards(data_dir: Path | None) -> Any:
             raise ConfigError("PFIT needs a data folder with hh-rlhf/ and alpaca/: set 'data-dir' or PWFF_DATA_DIR")
         _REWARDS[key] = load_or_train_reward_models(data_dir, default_cache_dir())
     return _REWARDS[key]
-
-
-# ---------------------------------------------------------------- data
-
-
-def _raw_prompt(record: Mapping[str, str]) -> str:
-    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
-
-
-def client_prompts(data_dir: Path | None, client_id: int, num_clients: int, seed: int,
-                   n_eval: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out eval) Alpaca records of a client.
-
-    A seeded shuffle of the short records; the first ``n_eval`` are the held-out set, the same
-    for every client (so clients with different reward weights can be compared on equal
-    prompts) and never trained on; the rest is cut into ``num_clients`` disjoint training shares.
-    """
-    records = [r for r in load_alpaca(data_dir) if len(_raw_prompt(r)) <= MAX_PROMPT_CHARS]
-    random.Random(seed).shuffle(records)
-    held_out, share = records[:n_eval], records[n_eval:][client_id::num_clients]
-    if len(held_out) < n_eval or not share:
-        raise ValueError(f"client {client_id}: {len(records)} Alpaca prompts cannot give {n_eval} held-out "
-                         f"prompts and a training share to each of {num_clients} clients")
-    return share, held_out
-
-
-def _round_prompts(train: list[dict], server_round: int, n: int) -> list[dict]:
-    start = (server_round - 1) * n
-    return [train[(start + i) % len(train)] for i in range(n)]
 
 
 # ---------------------------------------------------------------- client
