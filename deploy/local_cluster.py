@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pwff_app.experiments.launch import free_ports
+
 DEPLOY_DIR = Path(__file__).resolve().parent
 APP_DIR = DEPLOY_DIR.parent
 CONNECTION = "pwff-local"
@@ -135,20 +137,6 @@ class Proc:
             return self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             return None
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that were free a moment ago (the kernel's ephemeral picks)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _port_open(host: str, port: int) -> bool:

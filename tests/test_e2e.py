@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pwff_app.experiments.launch import free_port, stop_local_superlink
+from pwff_app.experiments.launch import free_ports, stop_local_superlink
 from tests.conftest import ROOT
 
 
 def flwr_run(run_config: str, flwr_home: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    http_port, control_port = free_ports(2)
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PWFF_DATA_DIR": str(data_dir),
            # Our own SuperLink ports: the default 39091 may belong to another local run.
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
            # `flwr run` starts `flower-superlink` from PATH: this interpreter's, also when the venv is not active.
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     flwr = Path(sys.executable).with_name("flwr")

@@ -49,11 +49,21 @@ def stop_local_superlink(flwr_home: Path) -> list[int]:
     return killed
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's ephemeral pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free a moment ago (the kernel's ephemeral picks).
+
+    All ``n`` sockets are held open together, so the kernel cannot hand out one port twice.
+    """
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def launch_flwr_run(app_dir: Path, run_config: str, flwr_home: Path, log_path: Path,

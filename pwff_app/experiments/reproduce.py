@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pwff_app.experiments.launch import free_port, launch_flwr_run, log_tail, stop_local_superlink
+from pwff_app.experiments.launch import free_ports, launch_flwr_run, log_tail, stop_local_superlink
 from pwff_app.experiments.profiles import (ALL_METHODS, PROFILES, RUN_TIMEOUT_S, build_run_config,
                                            profile_header, run_name)
 from pwff_app.experiments.tables import aggregate_runs, find_run_dirs, markdown_table, write_outputs
@@ -71,7 +71,7 @@ def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence
     runs_dir, logs_dir, flwr_home = out_dir / "runs", out_dir / "logs", (out_dir / "flwr-home").resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
-    ports = (free_port(), free_port())  # a private local SuperLink for this reproduction
+    ports = tuple(free_ports(2))  # a private local SuperLink for this reproduction
     try:
         for seed in seeds:
             for method in methods:
