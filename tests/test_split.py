@@ -15,15 +15,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.serverapp import Grid
 
 from pwff_app import methods
-from pwff_app.task_tuning.fedbert import model as split
 from pwff_app.config import RunConfig
 from pwff_app.federation.payload import payload_bytes
 from pwff_app.federation.results import RunRecorder
-from pwff_app.task_tuning.fedbert.model import (
-    SplitConfig, activation_bytes, build_split_model, client_backward, client_data, client_forward,
-    handle_split_message, server_step, split_model, split_spec, step_seed, train_batches, trim_padding,
-)
+from pwff_app.task_tuning.fedbert import client as split
 from pwff_app.task_tuning.fedbert import server as split_server
+from pwff_app.task_tuning.fedbert.client import client_data, handle_split_message, step_seed, train_batches
+from pwff_app.task_tuning.fedbert.model import (
+    SplitConfig, activation_bytes, build_split_model, client_backward, client_forward, server_step, split_model,
+    split_spec, trained_arrays, trim_padding,
+)
 from pwff_app.task_tuning.fedbert.server import run_split_learning
 from pwff_app.task_tuning.train import round_seed
 from tests.conftest import make_context, make_message, tiny_config
@@ -156,7 +157,7 @@ def test_protocol_round_matches_a_local_replay(fedbert_methods, tiny_data_dir, t
 
     # The "server": a top and its optimizer; a reference replays the same steps in-process.
     bottom0, top = split_model(build_split_model(cfg, sc), sc.split_layer)
-    global_bottom = ArrayRecord({k: Array(v) for k, v in split.trained_arrays(bottom0).items()})
+    global_bottom = ArrayRecord({k: Array(v) for k, v in trained_arrays(bottom0).items()})
     ref_bottom, ref_top = split_model(build_split_model(cfg, sc), sc.split_layer)
     top_opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=sc.lr, weight_decay=0.0)
     ref_top_opt = torch.optim.AdamW([p for p in ref_top.parameters() if p.requires_grad], lr=sc.lr, weight_decay=0.0)
@@ -206,7 +207,7 @@ def test_protocol_round_matches_a_local_replay(fedbert_methods, tiny_data_dir, t
         assert np.isfinite(loss) and abs(loss - ref_loss) < 1e-5
         step += 1
 
-    expected_weights = split.trained_arrays(ref_bottom)
+    expected_weights = trained_arrays(ref_bottom)
     assert set(weights) == set(expected_weights) == set(global_bottom.keys())
     for name, value in expected_weights.items():
         np.testing.assert_allclose(weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -234,7 +235,7 @@ def test_lost_gradient_is_skipped_not_fatal(fedbert_methods, tiny_data_dir, tmp_
     rc = fedbert_rc(tiny_data_dir, tmp_path)
     cfg = RunConfig.from_run_config(rc)
     bottom, _ = split_model(build_split_model(cfg, SplitConfig.from_run_config(cfg)), 2)
-    global_bottom = ArrayRecord({k: Array(v) for k, v in split.trained_arrays(bottom).items()})
+    global_bottom = ArrayRecord({k: Array(v) for k, v in trained_arrays(bottom).items()})
     context = make_context(rc, 0)
     reply = handle_split_message(_train_msg(global_bottom, 1, 0), context)
     # A stale downlink copy (a gradient for another step) or an empty record: no update.
@@ -360,3 +361,4 @@ def test_exchange_falls_back_and_reports_withheld_messages():
     assert split_server.exchange(NoPush(), msg) is reply
     with pytest.raises(split_server._Failed, match="downlink lost"):
         split_server.exchange(Withheld(), msg)
+
