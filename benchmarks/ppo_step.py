@@ -20,11 +20,11 @@ from dataclasses import replace
 
 import torch
 
-from pwff_app.instruct.pfit import client_prompts, get_bundle
 from pwff_app.instruct.policy import frozen_prefix_blocks, load_trainable_state, trainable_state
 from pwff_app.instruct.ppo import PPOConfig, make_optimizer, ppo_step
-from pwff_app.instruct.prompts import format_prompt
+from pwff_app.instruct.prompts import client_prompts, format_prompt
 from pwff_app.instruct.rollouts import generate_rollouts
+from pwff_app.instruct.runtime import get_bundle
 from pwff_app.instruct.sparse_attention import build_attention_masks, enable_sparse_attention
 
 

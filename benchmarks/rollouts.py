@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from pwff_app.instruct.pfit import client_prompts, get_bundle
-from pwff_app.instruct.prompts import format_prompt
+from pwff_app.instruct.prompts import client_prompts, format_prompt
 from pwff_app.instruct.rollouts import generate_rollouts
+from pwff_app.instruct.runtime import get_bundle
 from pwff_app.instruct.sparse_attention import enable_sparse_attention
 
 

@@ -12,8 +12,8 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
-from pwff_app.instruct import pfit
-from pwff_app.config import ConfigError, RunConfig, app_defaults
+from pwff_app.instruct import client, prompts, runtime, server
+from pwff_app.config import ConfigError, InstructConfig, RunConfig, app_defaults
 from pwff_app.methods import METHODS, _spec
 from pwff_app.instruct.policy import is_attention_param
 from pwff_app.testing.tiny import tiny_llama, tiny_tokenizer
@@ -46,9 +46,9 @@ def tiny_pfit(monkeypatch, tmp_path):
     for row in _ROWS:
         if row.name not in METHODS:
             monkeypatch.setitem(METHODS, row.name, row)
-    monkeypatch.setattr(pfit, "load_base_policy", lambda name: (tiny_llama(), tiny_tokenizer()))
-    monkeypatch.setattr(pfit, "load_rewards", lambda data_dir: StubRewards())
-    monkeypatch.setattr(pfit, "_BUNDLES", {})
+    monkeypatch.setattr(runtime, "load_base_policy", lambda name: (tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr(runtime, "load_rewards", lambda data_dir: StubRewards())
+    monkeypatch.setattr(runtime, "_BUNDLES", {})
     rng = random.Random(0)
     words = "tell me about the sun write a poem list three fruits explain why sky blue".split()
     records = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) + f" #{i}",
@@ -77,11 +77,11 @@ def _client_app(mods=()) -> ClientApp:
 
     @app.train()
     def train(msg, context):
-        return pfit.handle_pfit_train(msg, context)
+        return client.handle_pfit_train(msg, context)
 
     @app.evaluate()
     def evaluate(msg, context):
-        return pfit.handle_pfit_evaluate(msg, context)
+        return client.handle_pfit_evaluate(msg, context)
 
     return app
 
@@ -92,44 +92,55 @@ def _run(rc: dict, app: ClientApp | None = None) -> tuple[dict, list[dict], InPr
     recorder = RunRecorder(out, cfg.method, score_key="reward")
     grid = InProcessGrid(rc, cfg.num_clients, app=app or _client_app())
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
-    recorder.finish(pfit.run_pfit(grid, cfg, ctx, recorder))
+    recorder.finish(server.run_pfit(grid, cfg, ctx, recorder))
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return summary, rounds, grid
 
 
 def test_config_validation() -> None:
-    assert pfit.InstructConfig.from_run_config({}).sparsity == (0.4,)
-    assert pfit.InstructConfig.from_run_config({"instruct.sparsity": 0.2}).sparsity == (0.2,)
-    cfg = pfit.InstructConfig.from_run_config({"instruct.sparsity": "0.4,0.2"})
+    assert InstructConfig.from_run_config({}).sparsity == (0.4,)
+    assert InstructConfig.from_run_config({"instruct.sparsity": 0.2}).sparsity == (0.2,)
+    cfg = InstructConfig.from_run_config({"instruct.sparsity": "0.4,0.2"})
     assert [cfg.client_sparsity(c) for c in range(3)] == [0.4, 0.2, 0.4]
     for key, bad in [("instruct.sparsity", "1.0"), ("instruct.sparsity", "-0.1"), ("instruct.mask-rule", "topk"),
                      ("instruct.reward-weights", "0.5"), ("instruct.reward-weights", "a:b"),
                      ("instruct.reward-models", "safety"), ("instruct.mu", -1.0), ("instruct.ppo-steps", 0),
                      ("instruct.lr", "x"), ("instruct.gae-lambda", 1.5), ("instruct.temperature", 0.0)]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            pfit.InstructConfig.from_run_config({key: bad})
-    assert pfit.InstructConfig().for_method("sfl").client_weights(1) == (1.0, 0.0)
-    assert pfit.InstructConfig().for_method("pfl").sparsity == (0.0,)
-    ppo = pfit.InstructConfig.from_run_config({"instruct.temperature": 0.7, "instruct.gae-lambda": 1.0}).ppo_config()
+            InstructConfig.from_run_config({key: bad})
+    assert InstructConfig().for_method("sfl").client_weights(1) == (1.0, 0.0)
+    assert InstructConfig().for_method("pfl").sparsity == (0.0,)
+    ppo = InstructConfig.from_run_config({"instruct.temperature": 0.7, "instruct.gae-lambda": 1.0}).ppo_config()
     assert (ppo.temperature, ppo.lam) == (0.7, 1.0)
 
 
 def test_pyproject_instruct_defaults_match_the_dataclass() -> None:
     """`flwr run` reads pyproject, library callers the dataclass: the two defaults must be one."""
-    assert pfit.InstructConfig.from_run_config(app_defaults(ROOT)) == pfit.InstructConfig()
+    assert InstructConfig.from_run_config(app_defaults(ROOT)) == InstructConfig()
+
+
+def test_strategies_twin_every_aggregator() -> None:
+    """One PFIT strategy per aggregator: sparse checks, the partial mixin, densify, then the same Flower rule."""
+    from pwff_app.federation.strategy import AGGREGATORS, _PartialMixin
+
+    assert server.STRATEGIES.keys() == AGGREGATORS.keys()
+    for name, cls in server.STRATEGIES.items():
+        flower = next(c for c in AGGREGATORS[name].__mro__ if c.__module__.startswith("flwr."))
+        mro = cls.__mro__
+        assert mro[1:5] == (server.SparsePartialMixin, _PartialMixin, server._SparseAggregation, flower)
 
 
 def test_client_prompts_disjoint_and_deterministic(tiny_pfit) -> None:
     data = tiny_pfit / "data"
-    shares = [pfit.client_prompts(data, c, 2, 42, 4) for c in range(2)]
-    assert pfit.client_prompts(data, 0, 2, 42, 4) == shares[0]
+    shares = [prompts.client_prompts(data, c, 2, 42, 4) for c in range(2)]
+    assert prompts.client_prompts(data, 0, 2, 42, 4) == shares[0]
     key = lambda rs: {r["instruction"] for r in rs}  # noqa: E731
     (train0, eval0), (train1, eval1) = shares
     assert len(eval0) == 4 and eval0 == eval1  # one held-out set: clients compared on equal prompts
     assert not key(eval0) & (key(train0) | key(train1))  # never trained on
     assert not key(train0) & key(train1)
-    assert key(pfit._round_prompts(train0, 1, 4)) != key(pfit._round_prompts(train0, 2, 4))
+    assert key(prompts._round_prompts(train0, 1, 4)) != key(prompts._round_prompts(train0, 2, 4))
 
 
 def test_pfit_two_rounds_records_rewards_and_bytes(tiny_pfit) -> None:
@@ -169,7 +180,7 @@ def test_pfit_two_rounds_records_rewards_and_bytes(tiny_pfit) -> None:
     assert rounds0[1]["clients"]["0"]["downlink_bytes"] == rounds[0]["clients"]["0"]["downlink_bytes"]
 
     # frozen parameters untouched: the cached in-process policy's frozen part equals a fresh tiny Llama
-    bundle = pfit._BUNDLES[("", 0)]
+    bundle = runtime._BUNDLES[("", 0)]
     fresh = dict(lm.named_parameters())
     for n, p in bundle.lm.named_parameters():
         if not p.requires_grad:
@@ -192,7 +203,7 @@ def test_sparse_reply_with_wrong_count_is_rejected(tiny_pfit) -> None:
     recorder = RunRecorder(cfg.results_dir / cfg.run_name, cfg.method, score_key="reward")
     grid = InProcessGrid(rc, 2, app=_client_app(), tamper=tamper)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
-    pfit.run_pfit(grid, cfg, ctx, recorder)
+    server.run_pfit(grid, cfg, ctx, recorder)
     events = recorder.rounds[1]["events"]
     assert [e["kind"] for e in events] == ["rejected"] and "q_proj" in events[0]["reason"]
     assert set(recorder.rounds[1]["clients"]["1"]) >= {"combined"}  # evaluated nonetheless
@@ -201,7 +212,7 @@ def test_sparse_reply_with_wrong_count_is_rejected(tiny_pfit) -> None:
 def test_shepherd_lora_uplink_is_lora_only(tiny_pfit) -> None:
     summary, rounds, _ = _run(_rc(tiny_pfit, "shepherd", "shep"))
     assert not rounds[-1]["events"]
-    bundle = pfit._BUNDLES[("", 8)]
+    bundle = runtime._BUNDLES[("", 8)]
     names = [n for n, p in bundle.lm.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
     assert rounds[1]["clients"]["0"]["uplink_bytes"] == sum(
@@ -223,7 +234,7 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
     grid = WirelessGrid(InProcessGrid(rc, 2, app=app), ChannelConfig.from_run_config(rc))
     recorder.extra["wireless"] = grid.round_stats
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
-    summary = pfit.run_pfit(grid, cfg, ctx, recorder)
+    summary = server.run_pfit(grid, cfg, ctx, recorder)
     assert [r["round"] for r in recorder.rounds] == [0, 1, 2]
     for r in recorder.rounds[1:]:
         assert "uplink_bytes" in r["clients"]["0"] and "wireless" in r
@@ -234,7 +245,7 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
 
 
 def test_real_server_and_client_apps(tiny_pfit) -> None:
-    """The real ServerApp + ClientApp (mods included) dispatch instruct methods to pwff_app.instruct.pfit."""
+    """The real ServerApp + ClientApp (mods included) dispatch instruct methods to pwff_app.instruct.client / .server."""
     from pwff_app.testing.inprocess import run_server
 
     for method in ("pfit", "sfl"):
@@ -253,31 +264,31 @@ def test_round_starts_from_own_local_model_or_the_global(tiny_pfit, monkeypatch,
     """PFIT clients continue their personalised model (the proximal term ties it to the global);
     Shepherd, plain FedAvg of LoRA, starts every round from the global."""
     starts, seen, current = {}, {}, {}
-    real_load = pfit.load_trainable_state
+    real_load = client.load_trainable_state
 
     def spy(model, state):
         if current and current["key"] not in starts:  # the first load of a train call = its start
             starts[current["key"]] = {k: torch.as_tensor(np.asarray(v)).clone() for k, v in state.items()}
         real_load(model, state)
 
-    monkeypatch.setattr(pfit, "load_trainable_state", spy)
+    monkeypatch.setattr(client, "load_trainable_state", spy)
     app = ClientApp()
 
     @app.train()
     def train(msg, context):
         cid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
-        local = pfit._local_model(PrivateStore(context, cid).load(upto_round=rnd - 1))
+        local = client._local_model(PrivateStore(context, cid).load(upto_round=rnd - 1))
         seen[(cid, rnd)] = ({k: torch.from_numpy(np.asarray(v)) for k, v in local.items()},
                             {k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()})
         current["key"] = (cid, rnd)
         try:
-            return pfit.handle_pfit_train(msg, context)
+            return client.handle_pfit_train(msg, context)
         finally:
             current.clear()
 
     @app.evaluate()
     def evaluate(msg, context):
-        return pfit.handle_pfit_evaluate(msg, context)
+        return client.handle_pfit_evaluate(msg, context)
 
     _run(_rc(tiny_pfit, method, f"start-{method}"), app=app)
     for cid in (0, 1):

@@ -1,0 +1,224 @@
+"""PFIT client handlers (paper IV-C) for the ``instruct`` method family (``pfit``, ``pfl``, ``sfl``, ``shepherd``).
+
+* **Train** (:func:`handle_pfit_train`): load the received global trainable part (dense),
+  rebuild this client's sparse update masks from it, restore the private value head, run
+  ``instruct.ppo-steps`` PPO steps on this client's Alpaca prompts with the score
+  ``w_help * R_help + w_safe * R_safe`` and the proximal term toward the global, reply with the
+  packed upload (masked attention values + dense rest). The post-training weights are the
+  client's *personalised local model*; they stay in the private state, beside the value head.
+* **Evaluate** (:func:`handle_pfit_evaluate`): the personalised local model of the round on a
+  fixed held-out prompt set (disjoint from training prompts), seeded sampling, scored by both
+  reward models; reports helpfulness, safety, the client's combined reward and the KL to the
+  pretrained reference.
+
+Communication: downlink = the dense global trainable part; uplink = packed sparse (the masks
+cost 0 bytes: the server (:mod:`pwff_app.instruct.server`) rebuilds them from the global it
+sent, the client's s and seed).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from pwff_app.config import InstructConfig, RunConfig
+from pwff_app.federation.state import PrivateStore
+from pwff_app.instruct import runtime
+from pwff_app.instruct.policy import PolicyWithValue, load_trainable_state, trainable_state
+from pwff_app.instruct.ppo import exact_sequence_kl, make_optimizer, ppo_step
+from pwff_app.instruct.prompts import _raw_prompt, _round_prompts, client_prompts, format_prompt
+from pwff_app.instruct.rollouts import generate_rollouts
+from pwff_app.instruct.sparse_attention import (
+    attention_pair_counts,
+    build_attention_masks,
+    enable_sparse_attention,
+    pack_sparse,
+    upload_bytes,
+)
+
+_VALUE_PREFIX, _LOCAL_PREFIX = "value_head.", "local/"  # keys of the private state
+
+
+def global_fingerprint(arrays: Mapping[str, np.ndarray]) -> int:
+    """CRC32 over the global trainable part (sorted keys): tells the server which global a client used."""
+    crc = 0
+    for k in sorted(arrays):
+        crc = zlib.crc32(np.ascontiguousarray(arrays[k]).view(np.uint8), crc)
+    return crc
+
+
+def mask_seed(seed: int, client_id: int, server_round: int) -> int:
+    """Seed of a client's random update mask in a round (the server rebuilds the mask from it)."""
+    return seed * 1_000_003 + client_id * 1009 + server_round
+
+
+def _ids(msg: Message, context: Context) -> tuple[int, int, int]:
+    """(client id, number of clients, server round) of this call."""
+    return (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]),
+            int(msg.content["config"]["server-round"]))
+
+
+def _score(rewards: Any, cfg: InstructConfig, client_id: int, raw: list[str],
+           responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This client's PPO score [N] (``w_help * R_help + w_safe * R_safe``) and the per-model rewards."""
+    parts = rewards.score(raw, responses)
+    w_help, w_safe = cfg.client_weights(client_id)
+    combined = w_help * parts["helpfulness"].float()
+    if cfg.reward_models == "both":
+        combined = combined + w_safe * parts["safety"].float()
+    return combined, parts
+
+
+def _local_model(private: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The client's personalised local model (trainable part) from its private state; {} if none yet."""
+    return {k[len(_LOCAL_PREFIX):]: v for k, v in (private or {}).items() if k.startswith(_LOCAL_PREFIX)}
+
+
+def _restore_value_head(policy: PolicyWithValue, private: Mapping[str, np.ndarray] | None) -> None:
+    """The client's own value head from its private state; zeros in its first round."""
+    with torch.no_grad():
+        if private is None:
+            policy.value_head.weight.zero_()
+            policy.value_head.bias.zero_()
+            return
+        for n, p in policy.value_head.named_parameters():
+            p.copy_(torch.from_numpy(np.asarray(private[_VALUE_PREFIX + n])).reshape(p.shape))
+
+
+def _check_global(incoming: Mapping[str, np.ndarray], bundle: runtime.Bundle, method: str) -> None:
+    """Refuse arrays whose keys are not this process's trainable part (another method's or policy's)."""
+    expected = set(trainable_state(bundle.lm))
+    if set(incoming) != expected:
+        raise ValueError(f"global arrays do not match the trainable part of '{method}' "
+                         f"({len(incoming)} keys, expected {len(expected)})")
+
+
+def _setup(msg: Message, context: Context) -> tuple[str, int, InstructConfig, tuple[int, int, int], Any, runtime.Bundle]:
+    """What both handlers need: method, seed, config, (client, clients, round), data dir, models."""
+    run_cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_cfg.instruct.for_method(run_cfg.method)
+    return (run_cfg.method, run_cfg.seed, cfg, _ids(msg, context), run_cfg.data_dir,
+            runtime.get_bundle(cfg.policy_name, cfg.bundle_lora_rank))
+
+
+def handle_pfit_train(msg: Message, context: Context) -> Message:
+    """One PFIT round on a client (see the module docstring)."""
+    started = time.perf_counter()
+    method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
+    lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
+
+    incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    _check_global(incoming, bundle, method)
+    global_params = {k: torch.from_numpy(np.array(v)) for k, v in incoming.items()}
+    store = PrivateStore(context, client_id)
+    private = store.load(upto_round=server_round - 1)
+    # PFIT keeps a personalised local model per client (paper IV-C): it continues from it and the
+    # proximal term pulls it toward the global; a non-personalised method starts from the global.
+    local = _local_model(private) if cfg.personal_start else {}
+    if local:
+        _check_global(local, bundle, method)
+    start = {k: torch.from_numpy(np.array(v)) for k, v in local.items()} if local else global_params
+    load_trainable_state(lm, start)
+    s = cfg.client_sparsity(client_id)
+    enable_sparse_attention(lm, bundle.blocks, s)
+    enable_sparse_attention(bundle.ref, bundle.blocks, s)
+    m_seed = mask_seed(seed, client_id, server_round)
+    masks = {} if cfg.use_lora else build_attention_masks(global_params, bundle.blocks, s, cfg.mask_rule, m_seed)
+    policy.set_update_masks(masks)
+    _restore_value_head(policy, private)
+
+    ppo = cfg.ppo_config()
+    optimizer = make_optimizer(policy, ppo)  # fresh each round (see make_optimizer)
+    train, _ = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    records = _round_prompts(train, server_round, cfg.prompts_per_round)
+    rewards = runtime.load_rewards(data_dir)
+    torch.manual_seed(mask_seed(seed, client_id, server_round) + 17)
+    attention_pair_counts(lm)  # reset the counters
+    totals: dict[str, float] = {}
+    n = cfg.prompts_per_step
+    for step in range(cfg.ppo_steps):
+        step_records = records[step * n:(step + 1) * n]
+        if not step_records:
+            break
+        chunk = [r for r in step_records for _ in range(cfg.samples_per_prompt)]  # the rollout's row order
+        prompts = [format_prompt(r["instruction"], r["input"], tok) for r in step_records]
+        batch = generate_rollouts(policy, tok, prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k,
+                                  samples_per_prompt=cfg.samples_per_prompt)
+        scores, parts = _score(rewards, cfg, client_id, [_raw_prompt(r) for r in chunk], batch.responses)
+        stats = ppo_step(policy, bundle.ref, batch, scores, ppo, optimizer, global_params)
+        stats["help"] = float(parts["helpfulness"].mean())
+        stats["safe"] = float(parts["safety"].mean()) if "safety" in parts else 0.0
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v / cfg.ppo_steps
+    attended, visible = attention_pair_counts(lm)
+    head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+
+    trained = trainable_state(lm)
+    keep = {_VALUE_PREFIX + n: p.detach().numpy().copy() for n, p in policy.value_head.named_parameters()}
+    keep.update({_LOCAL_PREFIX + n: v.numpy() for n, v in trained.items()})
+    store.save(keep, server_round)
+    packed = pack_sparse(trained, masks)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packed.items()}),
+        "metrics": MetricRecord({
+            "num-examples": len(records),
+            "reward-train": totals.get("reward/score_mean", 0.0),
+            "help-train": totals.get("help", 0.0),
+            "safe-train": totals.get("safe", 0.0),
+            "kl": totals.get("objective/kl", 0.0),
+            "reg-reward": totals.get("reg/reward", 0.0),
+            "sparsity": s,
+            "mask-seed": m_seed,
+            "global-crc": global_fingerprint(incoming),
+            "attention-flops": 4 * head_dim * attended,
+            "attention-flops-dense": 4 * head_dim * visible,
+            "upload-bytes": upload_bytes(packed),
+        }),
+        "info": ConfigRecord({"client-id": client_id, "server-round": server_round,
+                              "compute-s": time.perf_counter() - started,
+                              "private-params": sum(p.numel() for p in policy.value_head.parameters())}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
+    """Held-out rewards of this client's personalised local model after the round."""
+    method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
+    lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
+
+    local = _local_model(PrivateStore(context, client_id).load(upto_round=server_round))
+    if not local:  # no training yet on this client: the global it was sent
+        local = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    _check_global(local, bundle, method)
+    load_trainable_state(lm, {k: torch.from_numpy(np.array(v)) for k, v in local.items()})
+    s = cfg.client_sparsity(client_id)
+    enable_sparse_attention(lm, bundle.blocks, s)
+    enable_sparse_attention(bundle.ref, bundle.blocks, s)
+
+    _, prompts_held_out = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    held_out = [r for r in prompts_held_out for _ in range(cfg.eval_samples)]
+    prompts = [format_prompt(r["instruction"], r["input"], tok) for r in prompts_held_out]
+    torch.manual_seed(cfg.eval_seed)  # the same sampling noise for every client and round
+    batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
+                              samples_per_prompt=cfg.eval_samples)
+    # KL on the first sample of each prompt: it sums the full-vocabulary KL at every position,
+    # so it varies little, and two vocabulary projections per token are not cheap.
+    first = batch.select(torch.arange(0, len(batch), cfg.eval_samples))
+    kl = float(exact_sequence_kl(policy, bundle.ref, first, cfg.temperature).mean())
+    parts = runtime.load_rewards(data_dir).score([_raw_prompt(r) for r in held_out], batch.responses)
+    w_help, w_safe = cfg.client_weights(client_id)
+    help_, safe = float(parts["helpfulness"].mean()), float(parts["safety"].mean())
+    combined = w_help * help_ + (w_safe * safe if cfg.reward_models == "both" else 0.0)
+    content = RecordDict({
+        "metrics": MetricRecord({"num-examples": len(held_out), "helpfulness": help_, "safety": safe,
+                                 "combined": combined, "kl": kl}),
+        "info": ConfigRecord({"client-id": client_id, "server-round": server_round}),
+    })
+    return Message(content=content, reply_to=msg)
+

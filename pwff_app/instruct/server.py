@@ -1,0 +1,212 @@
+"""PFIT server (paper IV-C): the sparse-aware strategy and the run loop of the instruct methods.
+
+:func:`run_pfit` ensures the reward models exist (trains them once, timed), starts a
+partial-aggregation strategy whose reply checks understand sparse uploads and whose FedAvg is
+:func:`pwff_app.instruct.sparse_attention.aggregate_sparse`, and returns the summary block.
+The clients' side is :mod:`pwff_app.instruct.client`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
+from pwff_app.config import InstructConfig, RunConfig
+from pwff_app.federation.results import RunRecorder
+from pwff_app.federation.strategy import _PartialMixin, reply_problem
+from pwff_app.instruct import runtime
+from pwff_app.instruct.client import global_fingerprint
+from pwff_app.instruct.policy import trainable_state
+from pwff_app.instruct.sparse_attention import aggregate_sparse, build_attention_masks, pack_sparse, unpack_sparse
+
+
+class _SparseAggregation:
+    """Sits between the partial mixin and Flower's rule: turns accepted sparse replies dense first.
+
+    For ``fedavg`` the arrays are :func:`aggregate_sparse` (each entry averaged over the clients
+    that updated it); for median / trimmed mean, Flower's rule over the dense reconstructions
+    (an entry a client froze counts at the global value).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)  # the replies the checks accepted
+        decoded = [self._decoded[id(msg.content)] for msg in replies]
+        for msg, (dense, _, _) in zip(replies, decoded):
+            metrics = next(iter(msg.content.metric_records.values()))
+            msg.content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v.numpy()) for k, v in dense.items()}),
+                                      "metrics": metrics})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.sparse_fedavg and replies:
+            glob = {k: torch.from_numpy(v.numpy()) for k, v in self._global.items()}
+            uploads = [pack_sparse(dense, masks) for dense, masks, _ in decoded]
+            out = aggregate_sparse(glob, uploads, [m for _, m, _ in decoded], [w for _, _, w in decoded])
+            arrays = ArrayRecord({k: Array(v.numpy()) for k, v in out.items()})
+        return arrays, metrics
+
+
+class SparsePartialMixin(_PartialMixin, _SparseAggregation):
+    """Reply checks for packed sparse uploads, and the per-client PFIT records.
+
+    Base order is the point: these checks come first (``_problem`` decodes each reply),
+    :class:`_PartialMixin` rejects the bad replies and records the rest, then
+    :class:`_SparseAggregation` turns the accepted ones dense right before Flower's rule, which a
+    concrete class names last (see :data:`STRATEGIES`).
+    """
+
+    def __init__(self, *, block_names: Sequence[str], mask_rule: str, sparse_fedavg: bool, lora: bool,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.block_names, self.mask_rule, self.sparse_fedavg, self.lora = list(block_names), mask_rule, sparse_fedavg, lora
+        self._decoded: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]] = {}
+        self._mask_cache: dict[tuple[float, int], dict[str, torch.Tensor]] = {}
+        self._global_crc: int | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._decoded, self._mask_cache = {}, {}
+        self._global_crc = global_fingerprint({k: v.numpy() for k, v in arrays.items()})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _problem(self, content, server_round: int) -> str | None:
+        problem = self._envelope_problem(content, server_round)
+        if problem is not None:
+            return problem
+        arrays = content[self.arrayrecord_key]
+        metrics = next(iter(content.metric_records.values()))
+        info = content.get("info", ConfigRecord())
+        try:
+            s, m_seed = float(metrics["sparsity"]), int(metrics["mask-seed"])
+        except (KeyError, TypeError, ValueError):
+            return "metrics lack 'sparsity' / 'mask-seed' (needed to rebuild the update mask)"
+        if not 0.0 <= s < 1.0:
+            return f"sparsity {s} outside [0, 1)"
+        if self.mask_rule == "magnitude" and not self.lora and int(metrics.get("global-crc", -1)) != self._global_crc:
+            return "trained from another global than this round's (magnitude masks would not match)"
+        glob = {k: torch.from_numpy(v.numpy()) for k, v in self._global.items()}
+        if self.lora:
+            masks = {}
+        else:
+            key = (s, m_seed if self.mask_rule == "random" else 0)
+            if key not in self._mask_cache:
+                self._mask_cache[key] = build_attention_masks(glob, self.block_names, s, self.mask_rule, m_seed)
+            masks = self._mask_cache[key]
+        if set(arrays.keys()) != set(glob):
+            extra, missing = sorted(set(arrays.keys()) - set(glob)), sorted(set(glob) - set(arrays.keys()))
+            return f"keys differ from the trainable set (unexpected {extra[:3]}, missing {missing[:3]})"
+        for k, ref in self._global.items():
+            want = (int(masks[k].sum()),) if k in masks else tuple(ref.shape)
+            got = arrays[k]
+            if tuple(got.shape) != want or got.dtype != ref.dtype:
+                return f"{k}: {got.dtype}{list(got.shape)} != expected {ref.dtype}{list(want)} at s={s}"
+        dense = unpack_sparse({k: v.numpy() for k, v in arrays.items()}, masks, glob)
+        problem = reply_problem(ArrayRecord({k: Array(v.numpy()) for k, v in dense.items()}), self._global,
+                                self.max_update_norm)
+        if problem is not None:
+            return problem
+        self._decoded[id(content)] = (dense, masks, float(metrics[self.weighted_by_key]))
+        cid = int(info.get("client-id", -1))
+        self.recorder.client(cid, sparsity=s, reward_train=metrics.get("reward-train"), kl_train=metrics.get("kl"),
+                             reg_reward=metrics.get("reg-reward"), help_train=metrics.get("help-train"),
+                             safe_train=metrics.get("safe-train"),
+                             attention_flops=int(metrics.get("attention-flops", 0)),
+                             attention_flops_dense=int(metrics.get("attention-flops-dense", 0)),
+                             compute_s=float(info.get("compute-s", 0.0)))
+        return None
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            info = msg.content.get("info", ConfigRecord())
+            metrics = next(iter(msg.content.metric_records.values()))
+            if "combined" in metrics:
+                self.recorder.client(int(info.get("client-id", -1)), reward=float(metrics["combined"]))
+        return super().aggregate_evaluate(server_round, replies)
+
+
+class PfitPartialFedAvg(SparsePartialMixin, FedAvg):
+    """PFIT's FedAvg: :func:`aggregate_sparse`, each entry averaged over the clients that updated it."""
+
+
+class PfitPartialFedMedian(SparsePartialMixin, FedMedian):
+    """Coordinate-wise median of the clients' dense reconstructions."""
+
+
+class PfitPartialFedTrimmedAvg(SparsePartialMixin, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean of the clients' dense reconstructions."""
+
+
+#: PFIT's twin of each rule of :data:`pwff_app.federation.strategy.AGGREGATORS`, by the same name.
+STRATEGIES: dict[str, type[SparsePartialMixin]] = {
+    "fedavg": PfitPartialFedAvg,
+    "median": PfitPartialFedMedian,
+    "trimmed-mean": PfitPartialFedTrimmedAvg,
+}
+
+
+def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, block_names: Sequence[str],
+                  **kwargs) -> SparsePartialMixin:
+    """STRATEGIES[cfg.aggregation.aggregator] with the run's aggregation settings; ``kwargs`` go to Flower."""
+    agg = cfg.aggregation
+    extra = {"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}
+    return STRATEGIES[agg.aggregator](
+        block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=agg.aggregator == "fedavg",
+        lora=icfg.use_lora, recorder=recorder, min_survivors=agg.min_survivors,
+        max_update_norm=agg.max_update_norm, **extra, **kwargs)
+
+
+def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
+    """Each client's last held-out rewards (helpfulness, safety, combined, KL) and the mean combined."""
+    last: dict[str, dict[str, float]] = {}
+    for r in recorder.rounds:
+        for cid, c in r["clients"].items():
+            if "combined" in c:
+                last[cid] = {k: float(c[k]) for k in ("helpfulness", "safety", "combined", "kl") if k in c}
+    last = dict(sorted(last.items(), key=lambda kv: int(kv[0])))
+    mean = float(np.mean([v["combined"] for v in last.values()])) if last else None
+    return {"per_client": last, "mean": mean}
+
+
+def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> dict[str, Any]:
+    """Run an instruct-family method; returns the summary block for ``recorder.finish``."""
+    icfg = cfg.instruct.for_method(cfg.method)
+    t0 = time.perf_counter()
+    runtime.load_rewards(cfg.data_dir)  # train once here, not in every client at the same time
+    reward_s = time.perf_counter() - t0
+    print(f"[pwff] reward models ready in {reward_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    bundle = runtime.get_bundle(icfg.policy_name, icfg.bundle_lora_rank)
+    initial_state = trainable_state(bundle.lm)
+    print(f"[pwff] policy ready in {time.perf_counter() - t0:.1f} s "
+          f"({sum(v.numel() for v in initial_state.values()):,} trainable params shared)", flush=True)
+    initial = ArrayRecord({k: Array(v.numpy()) for k, v in initial_state.items()})
+    strategy = make_strategy(
+        cfg, icfg, recorder, bundle.blocks,
+        checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
+        min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
+    )
+    # Round 0: every client scores the pretrained policy on the held-out prompts, the baseline
+    # of its reward trajectory (Flower's loop evaluates on clients only after a round's training).
+    baseline = grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), grid))
+    strategy.aggregate_evaluate(0, baseline)
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=icfg.num_rounds)
+
+    return {
+        "num_clients": cfg.num_clients,
+        "reward": _reward_block(recorder),
+        "params": {"shared": sum(v.numel() for v in initial_state.values()), "private": recorder.private_params()},
+        "sparsity": {"per_client": {str(c): icfg.client_sparsity(c) for c in range(cfg.num_clients)},
+                     "mask_rule": icfg.mask_rule, "uplink": "sparse (masked attention values + dense rest)",
+                     "downlink": "dense"},
+        "reward_weights": {str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)},
+        "reward_models_s": round(reward_s, 3),
+        "aggregator": cfg.aggregation.aggregator,
+        "instruct": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(icfg).items()},
+    }
