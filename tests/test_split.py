@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.serverapp import Grid
 
 from pwff_app import methods
-from pwff_app.config import RunConfig
+from pwff_app.config import AggregationConfig, RunConfig
 from pwff_app.federation.payload import payload_bytes
 from pwff_app.federation.results import RunRecorder
 from pwff_app.task_tuning.fedbert import client as split
@@ -362,3 +362,62 @@ def test_exchange_falls_back_and_reports_withheld_messages():
     with pytest.raises(split_server._Failed, match="downlink lost"):
         split_server.exchange(Withheld(), msg)
 
+
+# ---------------------------------------------------------------------------------------
+# Aggregation of the bottoms: Flower's rules
+# ---------------------------------------------------------------------------------------
+
+
+def _bottoms(values: list[np.ndarray]) -> list[ArrayRecord]:
+    """One bottom per value: two arrays shaped like a (tiny) weight and bias."""
+    return [ArrayRecord({"backbone.w": Array(v[:12].reshape(3, 4).astype(np.float32)),
+                         "backbone.b": Array(v[12:].astype(np.float32))}) for v in values]
+
+
+def test_fedavg_of_bottoms_is_the_example_weighted_mean():
+    rng = np.random.default_rng(0)
+    bottoms, examples = _bottoms([rng.normal(size=16) for _ in range(3)]), [5, 17, 2]
+    rule = split_server.aggregation_rule(AggregationConfig(aggregator="fedavg"))
+    out = split_server.aggregate_bottoms(rule, 1, list(zip([10, 11, 12], bottoms, examples)))
+    assert list(out.keys()) == list(bottoms[0].keys())
+    for key in out.keys():
+        expected = sum(n * b[key].numpy().astype(np.float64) for b, n in zip(bottoms, examples)) / sum(examples)
+        assert out[key].numpy().dtype == np.float32
+        np.testing.assert_allclose(out[key].numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=key)
+    assert all(len(b) == 2 for b in bottoms)  # the inputs are left whole
+
+
+def test_median_of_three_bottoms_ignores_an_outlier():
+    rng = np.random.default_rng(1)
+    honest = [rng.normal(size=16), rng.normal(size=16)]
+    bottoms = _bottoms([*honest, np.full(16, 1e6)])
+    rule = split_server.aggregation_rule(AggregationConfig(aggregator="median"))
+    out = split_server.aggregate_bottoms(rule, 1, list(zip([10, 11, 12], bottoms, [1, 1, 1000])))
+    for key in out.keys():
+        stacked = np.stack([b[key].numpy() for b in bottoms])
+        np.testing.assert_array_equal(out[key].numpy(), np.median(stacked, axis=0))
+        assert np.all(out[key].numpy() <= stacked[:2].max(0)) and np.all(out[key].numpy() >= stacked[:2].min(0))
+
+
+def test_trimmed_mean_of_bottoms_cuts_trim_fraction_at_each_end():
+    values = [np.full(16, v) for v in (-1e6, 1.0, 3.0, 1e6)]
+    rule = split_server.aggregation_rule(
+        AggregationConfig(aggregator="trimmed-mean", trim_fraction=0.25))
+    out = split_server.aggregate_bottoms(rule, 1, list(zip([10, 11, 12, 13], _bottoms(values), [1, 1, 1, 1])))
+    for key in out.keys():
+        np.testing.assert_allclose(out[key].numpy(), 2.0)
+
+
+def test_split_server_aggregates_with_the_configured_rule(fedbert_methods, tiny_data_dir, tmp_path):
+    rc = fedbert_rc(tiny_data_dir, tmp_path)
+    rc.update({"aggregator": "median", "min-survivors": 2})
+    cfg = RunConfig.from_run_config(rc)
+    server = split_server.SplitServer(cfg, RunRecorder(tmp_path / "out", "fedbert"))
+    start = {k: v.numpy().copy() for k, v in server.global_bottom.items()}
+    shifted = [ArrayRecord({k: Array(v + d) for k, v in start.items()}) for d in (1.0, 2.0, 1e3)]
+    rounds = [split_server.ClientRound(node_id=10 + i, bottom=b, num_examples=8) for i, b in enumerate(shifted)]
+    server.aggregate(1, rounds[:1])  # one bottom < min-survivors: the global stays
+    assert all(np.array_equal(server.global_bottom[k].numpy(), v) for k, v in start.items())
+    server.aggregate(1, rounds)
+    for key, value in start.items():
+        np.testing.assert_allclose(server.global_bottom[key].numpy(), value + 2.0, rtol=1e-6, atol=1e-6)

@@ -2,10 +2,12 @@
 
 One server-side top (encoder layers ``k..n-1``, pooling, head) is trained by the clients in
 turn (order reshuffled every round from the seed), one batch per message exchange; the
-clients' bottoms are FedAvg'd (weighted by training examples) at the end of the round and
-broadcast with the first message of the next round. Thapa et al., "SplitFed: When Federated
-Learning Meets Split Learning", AAAI 2022 (SplitFed-V2: sequential clients on one server-side
-model); FedBERT (Tian et al., ACM TIST 2022) uses the same scheme for BERT.
+clients' bottoms are aggregated at the end of the round by Flower's rule for run-config
+``aggregator`` (FedAvg weighted by training examples, FedMedian or FedTrimmedAvg, as for
+every other method) and broadcast with the first message of the next round. Thapa et al.,
+"SplitFed: When Federated Learning Meets Split Learning", AAAI 2022 (SplitFed-V2: sequential
+clients on one server-side model); FedBERT (Tian et al., ACM TIST 2022) uses the same scheme
+for BERT.
 
 Per round, per client (the server speaks first: a ClientApp cannot send unsolicited messages):
 
@@ -26,23 +28,26 @@ EVALUATE traffic is a measurement and counted apart (``eval_*_bytes``).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore import log
 
-from pwff_app.config import ConfigError, RunConfig
+from pwff_app.config import AggregationConfig, RunConfig
 from pwff_app.federation.payload import payload_bytes
 from pwff_app.federation.results import RunRecorder
-from pwff_app.task_tuning.fedbert.model import (
-    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, SplitConfig, build_split_model,
-    new_optimizer, server_step, split_model, trained_arrays,
-)
 from pwff_app.federation.strategy import reply_problem
+from pwff_app.task_tuning.fedbert.model import (
+    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, SplitConfig, build_split_model,
+    new_optimizer, server_step, split_model, split_param_counts, trained_arrays,
+)
 
 REPLY_TIMEOUT_S = 3600.0  # per message exchange, as Flower strategies' default round timeout
 _POLL_MIN_S, _POLL_MAX_S = 0.002, 0.05
@@ -167,7 +172,7 @@ def _activations(reply: Message, hidden: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class SplitServer:
-    """The server's side of FedBERT: the top, its optimizer, the global bottom."""
+    """The server's side of FedBERT: the top, its optimizer, the global bottom, the aggregation rule."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
         self.cfg, self.recorder = cfg, recorder
@@ -179,6 +184,7 @@ class SplitServer:
         del bottom
         self.hidden = int(self.top.config.hidden_size)
         self.optimizer = new_optimizer(self.top, self.split.lr)
+        self.rule = aggregation_rule(cfg.aggregation)
         self.client_of_node: dict[int, int] = {}
 
     # -- one client's training in one round ----------------------------------------------
@@ -271,27 +277,53 @@ class SplitServer:
 
     # -- aggregation ---------------------------------------------------------------------
 
-    def aggregate(self, results: list[ClientRound]) -> None:
-        """Weighted FedAvg of the returned bottoms into the global bottom."""
+    def aggregate(self, server_round: int, results: list[ClientRound]) -> None:
+        """The returned bottoms into the global bottom by the configured Flower rule.
+
+        Fewer than ``min_survivors`` usable bottoms: the global bottom stays as it was.
+        """
         done = [r for r in results if r.bottom is not None and r.num_examples > 0]
         if len(done) < self.cfg.aggregation.min_survivors:
             log(WARNING, "fedbert: %d bottoms < %d: global bottom unchanged", len(done), self.cfg.aggregation.min_survivors)
             self.recorder.event("kept-global", reason=f"{len(done)} valid bottoms < {self.cfg.aggregation.min_survivors}")
             return
-        total = float(sum(r.num_examples for r in done))
-        averaged = {}
-        for key, ref in self.global_bottom.items():
-            acc = np.zeros(ref.shape, dtype=np.float64)
-            for r in done:
-                acc += r.bottom[key].numpy().astype(np.float64) * (r.num_examples / total)
-            averaged[key] = Array(acc.astype(ref.numpy().dtype))
-        self.global_bottom = ArrayRecord(averaged)
+        self.global_bottom = aggregate_bottoms(self.rule, server_round,
+                                               [(r.node_id, r.bottom, r.num_examples) for r in done])
+
+
+_RULES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}
+
+
+def aggregation_rule(agg: AggregationConfig) -> FedAvg:
+    """Flower's strategy for ``agg.aggregator`` (only its ``aggregate_train`` is used)."""
+    return _RULES[agg.aggregator](**({"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}))
+
+
+def aggregate_bottoms(rule: FedAvg, server_round: int,
+                      bottoms: Sequence[tuple[int, ArrayRecord, int]]) -> ArrayRecord:
+    """Aggregate (node id, bottom weights, training examples), at least one, with ``rule``.
+
+    Each bottom becomes a train reply as a Flower strategy receives it (``arrays`` +
+    ``metrics.num-examples``, the FedAvg weight), so the rule is Flower's own, as for every
+    other method. Building a Message needs the task identity the ServerApp process has.
+    """
+    replies = [
+        Message(RecordDict({ARRAYS: ArrayRecord(dict(bottom.items())),  # a copy: FedMedian pops its arrays
+                            METRICS: MetricRecord({"num-examples": num_examples})}),
+                dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
+        for node, bottom, num_examples in bottoms
+    ]
+    arrays, _ = rule.aggregate_train(server_round, replies)
+    if arrays is None:  # Flower's answer to "no usable reply"
+        raise ValueError("fedbert: no bottom to aggregate")
+    return arrays
 
 
 def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_rounds: int) -> None:
-    """FedBERT for ``num_rounds`` rounds; per-client records go to ``recorder`` every round."""
-    if cfg.resume:
-        raise ConfigError("run config: 'resume' is not supported for fedbert (split learning keeps no checkpoint)")
+    """FedBERT for ``num_rounds`` rounds; per-client records go to ``recorder`` every round.
+
+    ``cfg`` holds no ``resume`` (refused for fedbert when the config is read).
+    """
     server = SplitServer(cfg, recorder)
     nodes = wait_for_nodes(grid, cfg.num_clients)
     log(INFO, "fedbert: split after layer %d, train=%s, lr=%g, %d nodes, %d rounds",
@@ -313,10 +345,28 @@ def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_ro
                 recorder.event("failed", node=node, client=cr.client_id, round=server_round, step=cr.steps,
                                reason=cr.failure, uplink_bytes=cr.uplink_bytes, downlink_bytes=cr.downlink_bytes)
             results.append(cr)
-        server.aggregate(results)
+        server.aggregate(server_round, results)
         for node in nodes:
             server.evaluate_client(grid, node, server_round)
         recorder.end_round(server_round)
 
 
-__all__ = ["ClientRound", "SplitServer", "exchange", "run_split_learning", "wait_for_nodes"]
+def run_fedbert(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None) -> dict[str, Any]:
+    """The ServerApp's entry for method fedbert: all rounds, then the summary block.
+
+    ``resumed`` is always None (resume is refused for fedbert); the argument keeps the
+    signature every method's server loop has.
+    """
+    run_split_learning(grid, cfg, recorder, cfg.task.num_rounds)
+    counts = split_param_counts(cfg)
+    return {
+        "num_clients": cfg.num_clients,
+        "params": {"shared": counts["client_bottom"], "server": counts["server_top"], "private": {}},
+        "aggregator": cfg.aggregation.aggregator,
+    }
+
+
+__all__ = [
+    "ClientRound", "SplitServer", "aggregate_bottoms", "aggregation_rule", "exchange", "run_fedbert",
+    "run_split_learning", "wait_for_nodes",
+]
