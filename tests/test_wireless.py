@@ -20,12 +20,10 @@ from pwff_app.wireless.link import (
     NO_STALE_COPY,
     UPLINK_LOST,
     UPLINK_LOST_PREFIX,
-    ClientRound,
     WirelessGrid,
-    summarize_round,
-    summary_block,
     uplink_mod,
 )
+from pwff_app.wireless.stats import ClientRound, summarize_round, summary_block
 
 SERVER_NODE = 1
 

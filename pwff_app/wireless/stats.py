@@ -1,0 +1,161 @@
+"""Per-round statistics of the wireless link (pure: no Flower).
+
+What :class:`pwff_app.wireless.link.WirelessGrid` logs per node and round (a
+:class:`ClientRound` of :class:`pwff_app.wireless.channel.LinkResult` legs) becomes one row per
+client (:func:`client_summary`), one record per round (:func:`summarize_round`, the
+``wireless`` entry of ``rounds.jsonl``) and the ``wireless`` block of ``summary.json``
+(:func:`summary_block`). Units: bits, seconds, joules (bytes in the summary block's totals).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pwff_app.config import ChannelConfig
+from pwff_app.wireless.channel import LinkResult, ergodic_capacity_bps_per_hz
+
+
+@dataclass
+class ClientRound:
+    """What one node's links did in one round; ``None`` = that leg did not happen.
+
+    ``client_id`` is None until a reply names the client that node runs.
+    """
+
+    node_id: int
+    client_id: int | None = None
+    down: LinkResult | None = None
+    up: LinkResult | None = None
+    compute_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Row key in the statistics: the client id, or ``node-<id>`` while unknown."""
+        return str(self.client_id) if self.client_id is not None else f"node-{self.node_id}"
+
+
+def client_summary(entry: ClientRound) -> dict[str, int | float | bool | None]:
+    """Per-client row of :func:`summarize_round` (bits, seconds, joules)."""
+    down, up = entry.down, entry.up
+    link = up if up is not None else down
+    compute_s = entry.compute_s or 0.0
+    delay_down_s = down.delay_s if down else 0.0
+    delay_up_s = up.delay_s if up else 0.0
+    energy_down_j = down.energy_j if down else 0.0
+    energy_up_j = up.energy_j if up else 0.0
+    return {
+        "node_id": entry.node_id,
+        "snr_db": link.snr_db if link else None,
+        "payload_bits_up": up.payload_bits if up else 0,
+        "bits_up": up.bits if up else 0,
+        "bits_down": down.bits if down else 0,
+        "retransmitted_bits": (up.retransmitted_bits if up else 0) + (down.retransmitted_bits if down else 0),
+        "delay_up_s": delay_up_s,
+        "delay_down_s": delay_down_s,
+        "energy_up_j": energy_up_j,
+        "energy_down_j": energy_down_j,
+        "energy_j": energy_up_j + energy_down_j,
+        "retransmissions": (up.retransmissions if up else 0) + (down.retransmissions if down else 0),
+        "downlink_attempted": down is not None,
+        "uplink_attempted": up is not None,
+        "lost_down": down is not None and not down.delivered,
+        "lost_up": up is not None and not up.delivered,
+        "compute_s": compute_s,
+        # A client's part of the round: its downlink, its training, its uplink (links are
+        # orthogonal, so clients run in parallel and the round waits for the slowest).
+        "latency_s": delay_down_s + compute_s + delay_up_s,
+    }
+
+
+def summarize_round(entries: Iterable[ClientRound]) -> dict:
+    """One round: ``clients`` (rows of :func:`client_summary` by client id as a string)
+    and totals.
+
+    ``latency_s`` is the max over clients of down + compute + up delay; ``lost_updates``
+    counts updates the channel kept from the server (lost uplinks, and lost downlinks the
+    client could not answer).
+    """
+    rows = {e.label: client_summary(e) for e in entries}
+
+    def total(key: str) -> int | float:
+        return sum(r[key] for r in rows.values())
+
+    uplink_delays = [r["delay_up_s"] for r in rows.values() if r["uplink_attempted"]]
+    return {
+        "clients": rows,
+        "participants": len(rows),
+        "latency_s": max((r["latency_s"] for r in rows.values()), default=0.0),
+        "mean_delay_up_s": statistics.fmean(uplink_delays) if uplink_delays else None,
+        "bits_up": total("bits_up"),
+        "bits_down": total("bits_down"),
+        "retransmitted_bits": total("retransmitted_bits"),
+        "retransmissions": total("retransmissions"),
+        "energy_up_j": total("energy_up_j"),
+        "energy_down_j": total("energy_down_j"),
+        "energy_j": total("energy_j"),
+        "downlink_attempts": total("downlink_attempted"),
+        "uplink_attempts": total("uplink_attempted"),
+        "lost_down": total("lost_down"),
+        "lost_up": total("lost_up"),
+        "lost_updates": sum(r["lost_up"] or (r["lost_down"] and not r["uplink_attempted"]) for r in rows.values()),
+    }
+
+
+def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: ChannelConfig | None = None) -> dict:
+    """The ``wireless`` block of ``summary.json`` from :func:`summarize_round` outputs.
+
+    ``mean_uplink_delay_s`` is the mean over rounds of the mean over clients. Because the
+    Rayleigh delay ``bits / (B log2(1 + SNR g))`` has a heavy tail (its expectation is
+    infinite: ``E[1/g]`` diverges near ``g = 0``), the median over all uplinks and, given
+    ``cfg``, the ergodic delay ``payload / (B E[log2(1 + SNR g)])`` are reported as well.
+    """
+    rounds = list(all_round_stats.values()) if isinstance(all_round_stats, Mapping) else list(all_round_stats)
+    uplinks = [c for r in rounds for c in r["clients"].values() if c["uplink_attempted"]]
+    per_round = [r["mean_delay_up_s"] for r in rounds if r["mean_delay_up_s"] is not None]
+    attempts = sum(r["uplink_attempts"] for r in rounds)
+    down_attempts = sum(r["downlink_attempts"] for r in rounds)
+    block: dict = {
+        "rounds": len(rounds),
+        "mean_uplink_delay_s": statistics.fmean(per_round) if per_round else None,
+        "median_uplink_delay_s": statistics.median(c["delay_up_s"] for c in uplinks) if uplinks else None,
+        "mean_round_latency_s": statistics.fmean(r["latency_s"] for r in rounds) if rounds else None,
+        "total_energy_j": sum(r["energy_j"] for r in rounds),
+        "total_energy_up_j": sum(r["energy_up_j"] for r in rounds),
+        "total_energy_down_j": sum(r["energy_down_j"] for r in rounds),
+        "uplink_attempts": attempts,
+        "lost_uplink_updates": sum(r["lost_up"] for r in rounds),
+        "loss_rate": sum(r["lost_up"] for r in rounds) / attempts if attempts else None,
+        "lost_downlinks": sum(r["lost_down"] for r in rounds),
+        "downlink_loss_rate": sum(r["lost_down"] for r in rounds) / down_attempts if down_attempts else None,
+        "lost_updates": sum(r["lost_updates"] for r in rounds),
+        "total_bytes_up": sum(r["bits_up"] for r in rounds) / 8,
+        "total_bytes_down": sum(r["bits_down"] for r in rounds) / 8,
+        "total_retransmitted_bytes": sum(r["retransmitted_bits"] for r in rounds) / 8,
+    }
+    if cfg is not None:
+        block["ergodic_uplink_delay_s"] = _ergodic_uplink_delay(rounds, cfg)
+        block["config"] = cfg.as_run_config()
+    return block
+
+
+def _ergodic_uplink_delay(rounds: Sequence[dict], cfg: ChannelConfig) -> float | None:
+    """Mean over rounds of the mean over clients of payload / (B x ergodic capacity)."""
+    if not cfg.enabled:
+        return 0.0
+    capacity = {}  # bit/s per SNR in dB; the integral is not free, SNRs repeat
+    per_round = []
+    for r in rounds:
+        delays = []
+        for c in r["clients"].values():
+            if c["uplink_attempted"]:
+                if c["snr_db"] not in capacity:
+                    capacity[c["snr_db"]] = cfg.bandwidth_hz * ergodic_capacity_bps_per_hz(c["snr_db"])
+                delays.append(c["payload_bits_up"] / capacity[c["snr_db"]])
+        if delays:
+            per_round.append(statistics.fmean(delays))
+    return statistics.fmean(per_round) if per_round else None
+
+
+__all__ = ["ClientRound", "client_summary", "summarize_round", "summary_block"]
