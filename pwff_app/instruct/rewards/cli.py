@@ -1,0 +1,51 @@
+"""``pwff train-rewards``: train (or load from the cache) both PFIT reward models, print their accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pwff_app.instruct.rewards.cache import default_cache_dir, load_or_train_reward_models
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pwff train-rewards [...]`` (or ``python -m pwff_app.instruct.rewards``); returns the exit code."""
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(
+        prog="pwff train-rewards", description="Train the PFIT helpfulness and safety reward models."
+    )
+    parser.add_argument("--data-dir", default=os.environ.get("PWFF_DATA_DIR", ""),
+                        help="folder holding hh-rlhf/ (default: $PWFF_DATA_DIR)")
+    parser.add_argument("--cache-dir", default=None, help=f"where trained models go (default: {default_cache_dir()})")
+    parser.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths stay copyable
+    if not args.data_dir:
+        console.print("error: no data folder: set PWFF_DATA_DIR or pass --data-dir")
+        return 2
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    try:
+        models = load_or_train_reward_models(args.data_dir, cache_dir, progress=not args.quiet, force=args.force)
+    except FileNotFoundError as err:
+        console.print(f"error: {err}")
+        return 2
+    table = Table(title="PFIT reward models (held-out pairwise accuracy)")
+    for column in ("objective", "held-out acc", "val acc", "pairs train/val/held-out", "seconds"):
+        table.add_column(column, justify="left" if column == "objective" else "right")
+    for name, m in models.metrics["objectives"].items():
+        table.add_row(
+            name,
+            f"{m['heldout_accuracy']:.3f}",
+            f"{m['val_accuracy']:.3f}",
+            f"{m['n_train']} / {m['n_val']} / {m['n_heldout']}",
+            f"{m['seconds']:.1f}",
+        )
+    out = Console(soft_wrap=True)
+    out.print(table)
+    how = "loaded from cache" if models.from_cache else "trained and saved"
+    out.print(f"{how}: {models.cache_path} (training, encoding included, took {models.metrics['seconds']:.1f} s)")
+    return 0
