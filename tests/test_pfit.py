@@ -91,8 +91,7 @@ def _run(rc: dict, app: ClientApp | None = None) -> tuple[dict, list[dict], InPr
     out = cfg.results_dir / cfg.run_name
     recorder = RunRecorder(out, cfg.method, score_key="reward")
     grid = InProcessGrid(rc, cfg.num_clients, app=app or _client_app())
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
-    recorder.finish(server.run_pfit(grid, cfg, ctx, recorder))
+    recorder.finish(server.run_pfit(grid, cfg, recorder))
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return summary, rounds, grid
@@ -202,8 +201,7 @@ def test_sparse_reply_with_wrong_count_is_rejected(tiny_pfit) -> None:
     cfg = RunConfig.from_run_config(rc)
     recorder = RunRecorder(cfg.results_dir / cfg.run_name, cfg.method, score_key="reward")
     grid = InProcessGrid(rc, 2, app=_client_app(), tamper=tamper)
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
-    server.run_pfit(grid, cfg, ctx, recorder)
+    server.run_pfit(grid, cfg, recorder)
     events = recorder.rounds[1]["events"]
     assert [e["kind"] for e in events] == ["rejected"] and "q_proj" in events[0]["reason"]
     assert set(recorder.rounds[1]["clients"]["1"]) >= {"combined"}  # evaluated nonetheless
@@ -233,8 +231,7 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
     app = _client_app(mods=[uplink_mod])  # the link mod of pwff_app.client_app around the handlers
     grid = WirelessGrid(InProcessGrid(rc, 2, app=app), ChannelConfig.from_run_config(rc))
     recorder.extra["wireless"] = grid.round_stats
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
-    summary = server.run_pfit(grid, cfg, ctx, recorder)
+    summary = server.run_pfit(grid, cfg, recorder)
     assert [r["round"] for r in recorder.rounds] == [0, 1, 2]
     for r in recorder.rounds[1:]:
         assert "uplink_bytes" in r["clients"]["0"] and "wireless" in r

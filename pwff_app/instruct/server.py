@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from pwff_app.config import InstructConfig, RunConfig
@@ -174,8 +175,11 @@ def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
     return {"per_client": last, "mean": mean}
 
 
-def run_pfit(grid, cfg: RunConfig, context: Context, recorder: RunRecorder) -> dict[str, Any]:
-    """Run an instruct-family method; returns the summary block for ``recorder.finish``."""
+def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None = None) -> dict[str, Any]:
+    """Run an instruct-family method; returns the summary block for ``recorder.finish``.
+
+    ``resumed`` is always None: the config refuses ``resume`` for this family.
+    """
     icfg = cfg.instruct.for_method(cfg.method)
     t0 = time.perf_counter()
     runtime.load_rewards(cfg.data_dir)  # train once here, not in every client at the same time
