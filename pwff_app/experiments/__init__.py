@@ -1,0 +1,1 @@
+"""Reproductions from outside the app: ``pwff reproduce``, tables, plots and the ``pwff`` CLI."""

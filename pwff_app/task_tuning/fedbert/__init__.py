@@ -1,0 +1,1 @@
+"""FedBERT split learning (a contender of PFTT): the split model, the client side, the server loop."""
