@@ -72,3 +72,24 @@ def test_refused_combination_is_one_line_before_any_folder(tmp_path, overrides, 
 def test_trimmed_mean_that_trims_is_accepted() -> None:
     cfg = RunConfig.from_run_config(run_config(aggregator="trimmed-mean", trim_fraction=0.25))
     assert cfg.aggregation.trimmed_per_side(cfg.num_clients) == 1
+
+
+def test_device_auto_is_the_cpu_here_and_cuda_without_cuda_is_one_line(tmp_path) -> None:
+    import torch
+
+    from pwff_app.device import compute_dtype, resolve_device
+
+    cfg = RunConfig.from_run_config(run_config())
+    assert cfg.device == "auto" and cfg.precision == "auto"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        assert compute_dtype("auto", resolve_device("auto")) == torch.float32
+        rc = {**run_config(results_dir=str(tmp_path / "results")), "device": "cuda"}
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
+        with pytest.raises(ConfigError) as info:
+            server_app.main(grid=None, context=context)  # type: ignore[arg-type]
+        assert str(info.value).splitlines() == [
+            "run config: 'device' is 'cuda' but this machine has 0 CUDA device(s): use 'auto' or 'cpu'"]
+        assert not (tmp_path / "results").exists()
+    with pytest.raises(ConfigError, match="'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        RunConfig.from_run_config(run_config(device="gpu"))

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from flwr.common.config import unflatten_dict
 from pydantic import BeforeValidator, field_validator, model_validator
@@ -45,6 +45,8 @@ class RunConfig(Section):
     data_dir: Annotated[Path | None, BeforeValidator(_path_text)] = None
     resume: Bool = False
     client_state_dir: Str = ""
+    device: Str = "auto"  # auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 frozen weights on CUDA, fp32 on CPU
     aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
@@ -69,6 +71,21 @@ class RunConfig(Section):
         if method not in METHODS:
             raise ValueError(f"must be one of {sorted(METHODS)}, got {method!r}")
         return method
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device(cls, name: str) -> str:
+        if name in ("auto", "cpu"):
+            return name
+        kind, _, index = name.partition(":")
+        if kind != "cuda" or not (index == "" or index.isdigit()):
+            raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+        import torch  # only for a CUDA request: the config stays light otherwise
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or int(index or 0) >= count:
+            raise ValueError(f"is {name!r} but this machine has {count} CUDA device(s): use 'auto' or 'cpu'")
+        return name
 
     @field_validator("results_dir", mode="before")
     @classmethod

@@ -39,7 +39,7 @@ def train(msg: Message, context: Context) -> Message:
     # Round r trains from the private state left by round r - 1.
     cfg, client_id, server_round, task, store = _prepare(msg, context, private_upto=-1)
     lr = cfg.task.backbone_lr if "backbone" in task.spec.trained else cfg.task.lr
-    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, lr)
+    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, lr, task.device, task.dtype)
     store.save(group_params(task.model, task.spec.private), server_round)
     shared = group_params(task.model, task.spec.shared)
     content = RecordDict({
@@ -56,7 +56,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy and loss of global shared + own private parts on the client's own test split."""
     # Evaluation after round r uses the private state that round r's training left.
     _, client_id, server_round, task, _ = _prepare(msg, context, private_upto=0)
-    metrics = evaluate_model(task.model, task.test_loader)
+    metrics = evaluate_model(task.model, task.test_loader, task.device, task.dtype)
     content = RecordDict({
         "metrics": MetricRecord({"num-examples": task.num_test, **metrics}),
         "info": ConfigRecord({"client-id": client_id, "server-round": server_round}),

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pwff_app.config import RunConfig
+from pwff_app.device import autocast, compute_dtype, place, resolve_device, to_device
 from pwff_app.task_tuning.data import AG_NEWS_CLASSES, client_split, make_loader
 from pwff_app.methods import METHODS, MethodSpec
 from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_tokenizer
@@ -30,6 +31,8 @@ class ClientTask:
     test_loader: DataLoader
     num_train: int
     num_test: int
+    device: torch.device
+    dtype: torch.dtype  # of the frozen weights and the autocast forward
 
 
 def build_model_for(cfg: RunConfig, client_id: int | None) -> EncoderClassifier:
@@ -68,44 +71,57 @@ def load_client_task(cfg: RunConfig, client_id: int, num_partitions: int, server
     train, test = client_split(cfg.data_dir, cfg.task.dataset, client_id, num_partitions, cfg.task.alpha,
                                cfg.seed, cfg.task.max_train_samples, cfg.task.max_test_samples)
     tokenizer = load_tokenizer(cfg.task.model_name)
+    device = resolve_device(cfg.device)
+    dtype = compute_dtype(cfg.precision, device)
     return ClientTask(
-        model=build_model_for(cfg, client_id),
+        model=place(build_model_for(cfg, client_id), device, dtype),  # built on the CPU: same init everywhere
         spec=METHODS[cfg.method],
         train_loader=make_loader(train, tokenizer, cfg.task.max_length, cfg.task.batch_size, shuffle=True,
                                  seed=round_seed(cfg.seed, client_id, server_round)),
         test_loader=make_loader(test, tokenizer, cfg.task.max_length, 2 * cfg.task.batch_size, shuffle=False),
         num_train=len(train),
         num_test=len(test),
+        device=device,
+        dtype=dtype,
     )
 
 
-def train_local(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> dict[str, float]:
+def train_local(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
+                device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """AdamW on the parameters that require grad; returns mean loss and wall seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    start, total, seen = time.perf_counter(), 0.0, 0
+    start, seen = time.perf_counter(), 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
     for _ in range(epochs):
-        for input_ids, attention_mask, labels in loader:
+        for batch in loader:
+            input_ids, attention_mask, labels = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(input_ids, attention_mask), labels)
+            with autocast(device, dtype):
+                loss = loss_fn(model(input_ids, attention_mask), labels)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(labels)
+            total += loss.detach().double() * len(labels)
             seen += len(labels)
-    return {"train-loss": total / max(seen, 1), "compute-s": time.perf_counter() - start}
+    return {"train-loss": float(total) / max(seen, 1), "compute-s": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device = torch.device("cpu"),
+                   dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Accuracy and mean cross-entropy on a loader."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    correct, total, seen = 0, 0.0, 0
-    for input_ids, attention_mask, labels in loader:
-        logits = model(input_ids, attention_mask)
-        total += loss_fn(logits, labels).item()
-        correct += (logits.argmax(-1) == labels).sum().item()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for batch in loader:
+        input_ids, attention_mask, labels = to_device(batch, device)
+        with autocast(device, dtype):
+            logits = model(input_ids, attention_mask)
+        total += loss_fn(logits.float(), labels)
+        correct += (logits.argmax(-1) == labels).sum()
         seen += len(labels)
-    return {"accuracy": correct / max(seen, 1), "loss": total / max(seen, 1)}
+    return {"accuracy": int(correct) / max(seen, 1), "loss": float(total) / max(seen, 1)}
