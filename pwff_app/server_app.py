@@ -18,6 +18,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)  # every problem, before any folder exists
     protocol = protocol_of(cfg.spec)
+    protocol.check_sources(cfg)  # data and models can be had: fail in seconds, before any folder
     out_dir = cfg.results_dir / (cfg.run_name or default_run_name(cfg.method, cfg.seed))
     done, resumed = resume_point(out_dir, checkpoint_meta(cfg)) if cfg.resume else (0, None)
     if cfg.resume:

@@ -1,4 +1,4 @@
-"""One real ``flwr run`` of a tiny PFTT config: the path a user takes."""
+"""One real ``flwr run`` of a tiny PFTT config: the path a user takes (and the helpers other e2e tests use)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,21 +16,41 @@ from pwff_app.experiments.launch import free_ports, stop_local_superlink
 from tests.conftest import ROOT
 
 
-def flwr_run(run_config: str, flwr_home: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+@contextmanager
+def private_superlink(flwr_home: Path, data_dir: Path | None, **env_extra: str) -> Iterator[dict[str, str]]:
+    """The environment for ``flwr`` commands on our own local SuperLink; it is stopped on exit.
+
+    Own ``FLWR_HOME`` and ports: the default 39091 may belong to another local run.
+    """
     http_port, control_port = free_ports(2)
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PWFF_DATA_DIR": str(data_dir),
-           # Our own SuperLink ports: the default 39091 may belong to another local run.
+           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
            # `flwr run` starts `flower-superlink` from PATH: this interpreter's, also when the venv is not active.
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    flwr = Path(sys.executable).with_name("flwr")
-    cmd = [str(flwr), "run", str(ROOT), "--stream", "--federation-config",
-           "num-supernodes=4 client-resources-num-cpus=1", "--run-config", run_config]
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), **env_extra}
+    if data_dir is not None:
+        env["PWFF_DATA_DIR"] = str(data_dir)
     try:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        yield env
     finally:
         stop_local_superlink(flwr_home)
+
+
+def flwr(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """One ``flwr`` command of this interpreter's environment."""
+    return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_args(run_config: str, supernodes: int = 4) -> list[str]:
+    """``flwr run`` of this app, streamed, with ``supernodes`` simulated SuperNodes of one CPU each."""
+    return ["run", str(ROOT), "--stream", "--federation-config",
+            f"num-supernodes={supernodes} client-resources-num-cpus=1", "--run-config", run_config]
+
+
+def flwr_run(run_config: str, flwr_home: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    with private_superlink(flwr_home, data_dir) as env:
+        return flwr(run_args(run_config), env, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,8 @@ def tiny_pfit(monkeypatch, tmp_path):
         if row.name not in METHODS:
             monkeypatch.setitem(METHODS, row.name, row)
     monkeypatch.setattr(runtime, "load_base_policy", lambda name: (tiny_llama(), tiny_tokenizer()))
-    monkeypatch.setattr(runtime, "load_rewards", lambda data_dir: StubRewards())
+    monkeypatch.setattr(runtime, "load_rewards", lambda data_dir, dataset: StubRewards())
+    monkeypatch.setattr(runtime, "preflight", lambda cfg: ["stubs"])  # they stand in for the real sources
     monkeypatch.setattr(runtime, "_BUNDLES", {})
     rng = random.Random(0)
     words = "tell me about the sun write a poem list three fruits explain why sky blue".split()

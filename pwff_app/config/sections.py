@@ -112,7 +112,9 @@ class InstructConfig(Section):
 
     SECTION: ClassVar[str] = "instruct"
     num_rounds: PositiveInt = 5
-    policy_name: Str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF); a Hub id / folder / .gguf otherwise
+    policy_name: Str = ""  # "" = SmolLM2-135M-Instruct (offline GGUF if installed, else Hub); id / folder / .gguf
+    prompt_dataset: Str = "tatsu-lab/alpaca"  # Alpaca's Hub id, used when no data folder is set
+    preference_dataset: Str = "Anthropic/hh-rlhf"  # HH-RLHF's Hub id (helpful-base / harmless-base), likewise
     max_new_tokens: PositiveInt = 24  # response length cap, tokens
     prompts_per_round: PositiveInt = 16  # distinct prompts per client, split over ppo_steps rollout batches
     samples_per_prompt: PositiveInt = 4  # responses per prompt (group baseline)

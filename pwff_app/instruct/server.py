@@ -24,7 +24,7 @@ from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.strategy import _PartialMixin, reply_problem
 from pwff_app.instruct import runtime
 from pwff_app.instruct.client import global_fingerprint
-from pwff_app.instruct.policy import trainable_state
+from pwff_app.instruct.policy import policy_source, trainable_state
 from pwff_app.instruct.sparse_attention import aggregate_sparse, build_attention_masks, pack_sparse, unpack_sparse
 
 
@@ -182,7 +182,7 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
     """
     icfg = cfg.instruct.for_method(cfg.method)
     t0 = time.perf_counter()
-    runtime.load_rewards(cfg.data_dir)  # train once here, not in every client at the same time
+    runtime.load_rewards(cfg.data_dir, icfg.preference_dataset)  # train once here, not in every client at once
     reward_s = time.perf_counter() - t0
     print(f"[pwff] reward models ready in {reward_s:.1f} s", flush=True)
     t0 = time.perf_counter()
@@ -212,5 +212,6 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
         "reward_weights": {str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)},
         "reward_models_s": round(reward_s, 3),
         "aggregator": cfg.aggregation.aggregator,
-        "instruct": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(icfg).items()},
+        "instruct": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(icfg).items()},
+                     "policy": policy_source(icfg.policy_name)},  # which weights: GGUF (quantized) or full
     }

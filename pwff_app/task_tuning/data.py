@@ -24,6 +24,9 @@ from flwr_datasets.partitioner import DirichletPartitioner
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
+from pwff_app.config import RunConfig
+from pwff_app.sources import DataNotFoundError, encoder_path, hub_dataset
+
 # Worker logs would drown in per-call progress bars of small data-set operations.
 disable_progress_bars()
 
@@ -32,8 +35,8 @@ _TRAIN_FILE = Path("ag_news") / "noisyag_samples10000valMed.csv"
 _TEST_FILE = Path("ag_news") / "test.csv"
 
 
-class DataNotFoundError(FileNotFoundError):
-    """The data set could not be found; the message says what to set."""
+__all__ = ["AG_NEWS_CLASSES", "DataNotFoundError", "client_split", "label_distribution", "label_skew",
+           "load_ag_news", "make_loader", "preflight"]
 
 
 def _read_local(data_dir: Path) -> tuple[Dataset, Dataset]:
@@ -56,15 +59,7 @@ def _read_local(data_dir: Path) -> tuple[Dataset, Dataset]:
 
 
 def _read_hub(dataset_id: str) -> tuple[Dataset, Dataset]:
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(dataset_id)
-    except Exception as err:  # the Hub raises many kinds; all mean the same to a user
-        raise DataNotFoundError(
-            f"could not load {dataset_id!r} from the Hugging Face Hub ({type(err).__name__}); "
-            "offline? set PWFF_DATA_DIR (or run config 'data-dir') to a local data folder"
-        ) from err
+    ds = hub_dataset(dataset_id, "AG News")
     return ds["train"].select_columns(["text", "label"]), ds["test"].select_columns(["text", "label"])
 
 
@@ -72,6 +67,19 @@ def _read_hub(dataset_id: str) -> tuple[Dataset, Dataset]:
 def load_ag_news(data_dir: Path | None, dataset_id: str) -> tuple[Dataset, Dataset]:
     """AG News train and test as ``{"text", "label"}`` datasets, labels 0-3."""
     return _read_local(data_dir) if data_dir is not None else _read_hub(dataset_id)
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """Before round 1: AG News loads (local folder or Hub id) and the encoder resolves; what was checked.
+
+    AG News is read whole (seconds; from the Hub it is the download the clients need anyway, into
+    the shared cache); of the encoder only the config is resolved, the server loads the weights later.
+    Raises :class:`~pwff_app.sources.SourceNotFoundError` with one line.
+    """
+    train, test = load_ag_news(cfg.data_dir, cfg.task.dataset)
+    where = f"folder {cfg.data_dir}" if cfg.data_dir is not None else f"Hub {cfg.task.dataset!r}"
+    path = encoder_path(cfg.task.model_name, "encoder", "set 'task.model-name' to a local folder or a Hub id")
+    return [f"AG News ({where}: {len(train)} train / {len(test)} test rows)", f"encoder {path}"]
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from pwff_app.files import cache_dir, write_atomic, write_json_atomic
-from pwff_app.instruct.rewards.data import HH_FILES, file_fingerprint, hh_file
+from pwff_app.instruct.rewards.data import HH_FILES, HH_HUB_ID, objective_fingerprint
 from pwff_app.instruct.rewards.model import (
     RewardConfig,
     RewardModels,
@@ -33,9 +33,10 @@ def default_cache_dir() -> Path:
     return cache_dir("reward-models")
 
 
-def cache_key(config: RewardConfig, encoder_ident: str, data_dir: str | Path) -> str:
-    """Hex key over the cache format, the config, the encoder's identity and the data files."""
-    data = {name: file_fingerprint(hh_file(data_dir, name)) for name in HH_FILES}
+def cache_key(config: RewardConfig, encoder_ident: str, data_dir: str | Path | None,
+              dataset: str = HH_HUB_ID) -> str:
+    """Hex key over the cache format, the config, the encoder's identity and the data (files, else Hub rows)."""
+    data = {name: objective_fingerprint(data_dir, name, dataset) for name in HH_FILES}
     blob = json.dumps(
         {"format": _CACHE_FORMAT, "config": asdict(config), "encoder": encoder_ident, "data": data}, sort_keys=True
     )
@@ -77,25 +78,33 @@ def load_reward_models(path: Path, config: RewardConfig, encoder: SentenceEncode
     return models.eval()
 
 
+def cache_entry(cache_dir: str | Path, config: RewardConfig, data_dir: str | Path | None,
+                dataset: str = HH_HUB_ID, encoder: SentenceEncoder | None = None) -> Path:
+    """The cache entry's ``.safetensors`` path for these models (complete once its ``.json`` exists)."""
+    key = cache_key(config, _encoder_ident(config, encoder), data_dir, dataset)
+    return Path(cache_dir).expanduser() / f"{key}.safetensors"
+
+
 def load_or_train_reward_models(
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     cache_dir: str | Path,
     config: RewardConfig = RewardConfig(),
     progress: bool = True,
     *,
     force: bool = False,
     encoder: SentenceEncoder | None = None,
+    dataset: str = HH_HUB_ID,
 ) -> RewardModels:
     """The reward models for ``config``: from ``cache_dir`` if trained before, else trained and saved.
 
+    HH-RLHF comes from the files under ``data_dir`` when it is set, else from the Hub's ``dataset``.
     The cache entry is ``<cache_dir>/<key>.safetensors`` + ``<key>.json`` (metrics), the key
-    covering the config, the encoder and the data files' sizes and hashes; ``force`` retrains.
+    covering the config, the encoder and the data (files' or Hub rows' sizes and hashes); ``force`` retrains.
     """
-    key = cache_key(config, _encoder_ident(config, encoder), data_dir)
-    path = Path(cache_dir).expanduser() / f"{key}.safetensors"
+    path = cache_entry(cache_dir, config, data_dir, dataset, encoder)
     encoder = encoder or load_encoder(config.encoder, config.max_length)
     if not force and path.is_file() and path.with_suffix(".json").is_file():
         return load_reward_models(path, config, encoder)
-    models, _ = train_reward_models(data_dir, config, progress=progress, encoder=encoder)
+    models, _ = train_reward_models(data_dir, config, progress=progress, encoder=encoder, dataset=dataset)
     save_reward_models(models, path)
     return models

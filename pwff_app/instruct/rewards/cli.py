@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from pwff_app.instruct.rewards.cache import default_cache_dir, load_or_train_reward_models
+from pwff_app.instruct.rewards.data import HH_HUB_ID
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,18 +19,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="pwff train-rewards", description="Train the PFIT helpfulness and safety reward models."
     )
     parser.add_argument("--data-dir", default=os.environ.get("PWFF_DATA_DIR", ""),
-                        help="folder holding hh-rlhf/ (default: $PWFF_DATA_DIR)")
+                        help="folder holding hh-rlhf/ (default: $PWFF_DATA_DIR; none: the Hub, --dataset)")
+    parser.add_argument("--dataset", default=HH_HUB_ID,
+                        help=f"Hub id of HH-RLHF, used without a data folder (default: {HH_HUB_ID})")
     parser.add_argument("--cache-dir", default=None, help=f"where trained models go (default: {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths stay copyable
-    if not args.data_dir:
-        console.print("error: no data folder: set PWFF_DATA_DIR or pass --data-dir")
-        return 2
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     try:
-        models = load_or_train_reward_models(args.data_dir, cache_dir, progress=not args.quiet, force=args.force)
+        models = load_or_train_reward_models(args.data_dir or None, cache_dir, progress=not args.quiet,
+                                             force=args.force, dataset=args.dataset)
     except FileNotFoundError as err:
         console.print(f"error: {err}")
         return 2

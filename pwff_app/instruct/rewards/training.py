@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pwff_app.instruct.rewards.data import HH_FILES, PreferencePair, hh_file, load_preference_pairs, split_indices
+from pwff_app.instruct.rewards.data import HH_FILES, HH_HUB_ID, PreferencePair, objective_pairs, split_indices
 from pwff_app.instruct.rewards.model import (
     RewardConfig,
     RewardModel,
@@ -136,26 +136,27 @@ def standardise_scores(model: RewardModel, features: torch.Tensor) -> None:
 
 
 def train_reward_models(
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     config: RewardConfig = RewardConfig(),
     progress: bool = True,
     encoder: SentenceEncoder | None = None,
+    dataset: str = HH_HUB_ID,
 ) -> tuple[RewardModels, dict]:
-    """Train both reward models from the HH-RLHF files under ``data_dir``.
+    """Train both reward models from HH-RLHF: the files under ``data_dir``, else the Hub's ``dataset``.
 
     ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``);
     it should be the one ``config.encoder`` names, with ``config.max_length``.
     Returns the models and the metrics: per objective the held-out accuracy (measured once,
     after all choices), train/val accuracy, split sizes and seconds.
     """
-    files = {name: hh_file(data_dir, name) for name in HH_FILES}  # fail before loading anything
+    data = {name: objective_pairs(data_dir, name, dataset) for name in HH_FILES}  # fail before loading anything
     started = time.perf_counter()
     encoder = encoder or load_encoder(config.encoder, config.max_length)
     models = RewardModels(encoder, config)
     metrics: dict = {"objectives": {}}
     for name, model in models.objectives().items():
         t0 = time.perf_counter()
-        pairs = load_preference_pairs(files[name])
+        pairs = data[name]
         train_idx, held_idx = split_indices(len(pairs), config.held_out_fraction, config.seed)
         fit_pos, val_pos = split_indices(len(train_idx), config.val_fraction, config.seed + 1)
         f_c, f_r = _pair_features(encoder, config, pairs, progress, desc=f"encode {name}")
