@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from pwff_app.config import RunConfig
 from pwff_app.federation.checkpoint import checkpoint_meta, resume_point
 from pwff_app.federation.results import RunRecorder, default_run_name
+from pwff_app.provenance import code_version, run_key
 from pwff_app.protocols import protocol_of
 from pwff_app.wireless.link import WirelessGrid
 
@@ -30,5 +31,6 @@ def main(grid: Grid, context: Context) -> None:
         recorder.extra["wireless"] = grid.round_stats
     summary = protocol.run_server(grid, cfg, recorder, resumed)
     wireless = grid.summary_block() if cfg.wireless.enabled else {"enabled": False}
-    path = recorder.finish({**summary, "wireless": wireless, "config": dict(cfg.raw)})
+    path = recorder.finish({**summary, "wireless": wireless, "config": dict(cfg.raw),
+                            "run_key": run_key(cfg), "code": code_version()})  # what produced these results
     print(f"[pwff] results: {path}", flush=True)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from pwff_app.config import RunConfig
 from pwff_app.experiments.launch import free_ports, stop_local_superlink
-from tests.conftest import ROOT
+from pwff_app.provenance import run_key
+from tests.conftest import ROOT, run_config
 
 
 @contextmanager
@@ -71,6 +73,12 @@ def test_flwr_run_tiny_pftt(tmp_path, e2e_data_dir):
 
     summary = json.loads((results / "e2e" / "summary.json").read_text())
     assert summary["method"] == "pftt" and summary["num_rounds"] == 2 and summary["num_clients"] == 4
+    # The run key the ServerApp wrote (from its installed copy of the app) is the one `pwff reproduce`
+    # computes here for the same config: otherwise every reproduction would rerun every run.
+    expected = run_key(RunConfig.from_run_config(run_config(
+        data_dir=str(e2e_data_dir.resolve()), task__num_rounds=2, task__max_train_samples=32,
+        task__max_test_samples=32, task__max_length=32, task__batch_size=16, wireless__enabled=False)))
+    assert summary["run_key"] == expected
     clients = {"0", "1", "2", "3"}
     assert set(summary["accuracy"]["per_client"]) == clients
     assert 0.0 <= summary["accuracy"]["mean"] <= 1.0

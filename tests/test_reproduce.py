@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -19,7 +20,8 @@ FAKE = {
 
 
 def _fake_run(runs_dir: Path, method: str, seed: int, acc: float, up: int, delay: float, energy: float,
-              curve: list[float]) -> Path:
+              curve: list[float], key: str | None = None) -> Path:
+    """A finished run folder; ``key`` is the summary's ``run_key`` (None: a run from before keys)."""
     d = runs_dir / f"{method}-seed{seed}"
     d.mkdir(parents=True)
     summary = {
@@ -30,6 +32,7 @@ def _fake_run(runs_dir: Path, method: str, seed: int, acc: float, up: int, delay
         "wireless": {"rounds": len(curve), "ergodic_uplink_delay_s": delay, "mean_uplink_delay_s": 10 * delay,
                      "median_uplink_delay_s": delay / 2, "total_energy_j": energy, "mean_round_latency_s": 1.0},
         "config": {"seed": seed, "method": method},
+        **({"run_key": key} if key else {}),
     }
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "rounds.jsonl").write_text("".join(
@@ -101,20 +104,34 @@ def test_outputs_written(fake_out):
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_resume_skips_finished_runs(tmp_path):
-    _fake_run(tmp_path / "runs", "pftt", 42, 0.8, 1000, 0.5, 6.0, [0.8])
-    calls = []
+def _key(run_config: str, data_dir: Path | None = None) -> str:
+    """The run key the ServerApp would write for this run config (what a real launch leaves)."""
+    return reproduce.expected_run_key(reproduce.APP_DIR, run_config, data_dir)
+
+
+def _launcher(runs_dir: Path, calls: list[str], fail: tuple[str, ...] = (), key=_key):
+    """A stand-in for `flwr run`: writes the run folder with ``key(run_config)``; ``fail`` methods exit 1."""
 
     def fake_launch(app_dir, run_config, flwr_home, log, data_dir, timeout_s, ports=None):
         calls.append(run_config)
         method = run_config.split("method='")[1].split("'")[0]
         seed = int(run_config.split(" seed=")[1].split()[0])
-        if method == "fedlora":
+        if method in fail:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("boom: something broke\n")
             return 1  # a failed run is reported, the others go on
-        _fake_run(tmp_path / "runs", method, seed, 0.7, 500, 0.2, 3.0, [0.7])
+        shutil.rmtree(runs_dir / f"{method}-seed{seed}", ignore_errors=True)  # the server overwrites
+        _fake_run(runs_dir, method, seed, 0.7, 500, 0.2, 3.0, [0.7], key=key(run_config, data_dir))
         return 0
+
+    return fake_launch
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    _fake_run(tmp_path / "runs", "pftt", 42, 0.8, 1000, 0.5, 6.0, [0.8],
+              key=_key(profiles.build_run_config("pftt", 42, tmp_path / "runs", "quick")))
+    calls = []
+    fake_launch = _launcher(tmp_path / "runs", calls, fail=("fedlora",))
 
     res = reproduce.run_all(tmp_path, ["pftt", "fedlora", "local"], [42, 43], "quick", launch=fake_launch)
     status = {(r.method, r.seed): r.status for r in res}
@@ -175,3 +192,108 @@ def test_cli_aggregate_only(fake_out, capsys):
                    "--seed-base", "1"])
     assert rc == 0 and (fake_out / "comparison.md").exists()
     assert "`fedlora`" in capsys.readouterr().out
+
+
+# ---- runs keyed by what produced them --------------------------------------------------------
+
+
+def test_run_with_another_config_is_rerun_never_reused(tmp_path):
+    calls: list[str] = []
+    launch = _launcher(tmp_path / "runs", calls)
+    first = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch)
+    assert [r.status for r in first] == ["done"] and len(calls) == 1
+    assert [r.status for r in reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch)] == ["skipped"]
+    # The same run name under a changed config (here one learning rate): rerun, the old folder set aside.
+    changed = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch, extra_config={"task.lr": 0.01})
+    assert [r.status for r in changed] == ["done"] and len(calls) == 2 and "task.lr=0.01" in calls[-1]
+    (stale,) = (tmp_path / "stale").iterdir()
+    assert stale.name.startswith("pftt-seed42-") and (stale / "summary.json").exists()
+    summary = json.loads((tmp_path / "runs" / "pftt-seed42" / "summary.json").read_text())
+    assert summary["run_key"] == _key(calls[-1]) != _key(calls[0])
+    again = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch, extra_config={"task.lr": 0.01})
+    assert [r.status for r in again] == ["skipped"] and len(calls) == 2
+    # Another profile or another data folder is another config too.
+    assert [r.status for r in reproduce.run_all(tmp_path, ["pftt"], [42], "full", launch=launch)] == ["done"]
+    data = tmp_path / "data"
+    data.mkdir()
+    rerun = reproduce.run_all(tmp_path, ["pftt"], [42], "full", data_dir=data, launch=launch)
+    assert [r.status for r in rerun] == ["done"] and len(calls) == 4
+
+
+def test_unkeyed_or_other_code_runs_are_rerun(tmp_path, monkeypatch):
+    _fake_run(tmp_path / "runs", "pftt", 42, 0.8, 1000, 0.5, 6.0, [0.8])  # no run_key: from before keys
+    calls: list[str] = []
+    res = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=_launcher(tmp_path / "runs", calls))
+    assert [r.status for r in res] == ["done"] and len(calls) == 1
+    # Other code (the source digest is in the key): rerun as well.
+    from pwff_app import provenance
+
+    monkeypatch.setattr(provenance, "source_digest", lambda: "edited")
+    res = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=_launcher(tmp_path / "runs", calls))
+    assert [r.status for r in res] == ["done"] and len(calls) == 2
+
+
+def test_launch_that_writes_another_key_fails(tmp_path):
+    launch = _launcher(tmp_path / "runs", [], key=lambda rc, data_dir: "0" * 20)
+    (res,) = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch)
+    assert res.status == "failed" and "run_key 00000000000000000000 !=" in res.error
+
+
+def test_aggregate_only_warns_about_runs_of_another_config(fake_out, capsys):
+    assert cli.main(["reproduce", "pftt", "--aggregate-only", "--out", str(fake_out), "--seeds", "2",
+                     "--seed-base", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "4 run(s) tabulated were made by another config or code version" in err and "pftt-seed1" in err
+
+
+# ---- labels from each run's own config; delay and latency spread ------------------------------
+
+
+def _relabel(run_dir: Path, changes: dict) -> None:
+    """Update a run's summary.json: blocks are merged (``{"config": {"num-clients": 2}}``), values set."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    for key, value in changes.items():
+        summary[key] = {**summary.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(json.dumps(summary))
+
+
+def test_labels_come_from_the_runs_configs(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        d = _fake_run(runs, "pftt", seed, 0.8, 1000, 0.5, 6.0, [0.8])
+        _relabel(d, {"config": {"num-clients": 2, "wireless.snr-db": "10,0"}})
+    rows = tables.aggregate_runs(tables.find_run_dirs(tmp_path))
+    assert rows[0]["num_clients"] == [2] and rows[0]["channel"] == ["10/0 dB Rayleigh"]
+    assert tables.setting_labels(rows) == ("2 clients", "10/0 dB Rayleigh")
+    seen = []
+    from pwff_app.experiments import plots
+
+    monkeypatch.setattr(plots, "_bar", lambda rows, key, path, ylabel, title, **kw: seen.append((ylabel, title)))
+    plots.plot_uplink_bytes(rows, tmp_path / "a.png")
+    plots.plot_uplink_delay(rows, tmp_path / "b.png")
+    assert seen == [("uplink bytes / round (2 clients, log)", "Uplink payload per round"),
+                    ("uplink delay / round, ergodic (s, log)", "Uplink delay per round, 10/0 dB Rayleigh")]
+    md = tables.write_markdown(rows, tmp_path / "comparison.md").read_text()
+    assert "2 clients, 10/0 dB Rayleigh" in md and "4 clients" not in md and "5 dB" not in md
+    # A run without a link, and runs that differ, say so.
+    off = _fake_run(runs, "local", 1, 0.5, 0, 0.0, 0.0, [0.5])
+    _relabel(off, {"num_clients": 4, "wireless": {"enabled": False}})
+    rows = tables.aggregate_runs(tables.find_run_dirs(tmp_path))
+    assert tables.setting_labels(rows) == ("2/4 clients", "10/0 dB Rayleigh | ideal link")
+
+
+def test_delay_and_latency_tables_show_median_and_p95(fake_out):
+    for d in tables.find_run_dirs(fake_out):
+        if (d / "summary.json").exists():
+            _relabel(d, {"wireless": {"p95_uplink_delay_s": 7.0, "median_round_latency_s": 0.9,
+                                      "p95_round_latency_s": 3.0}})
+    rows = tables.aggregate_runs(tables.find_run_dirs(fake_out))
+    assert rows[0]["p95_uplink_delay_s_mean"] == 7.0 and rows[0]["p95_round_latency_s_mean"] == 3.0
+    tables.write_outputs(fake_out, rows)
+    md = (fake_out / "comparison.md").read_text()
+    assert "## Delay and latency" in md and "uplink delay, p95 (s)" in md and "round latency, median (s)" in md
+    assert "| `pftt` | 0.6 ± 0.14 | 6 ± 1.4 | 0.3 ± 0.071 | 7 ± 0 | 1 ± 0 | 0.9 ± 0 | 3 ± 0 |" in md
+    with (fake_out / "comparison.csv").open() as f:
+        first = next(csv.DictReader(f))
+    assert float(first["p95_uplink_delay_s_mean"]) == 7.0 and float(first["median_round_latency_s_mean"]) == 0.9

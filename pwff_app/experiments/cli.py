@@ -60,6 +60,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         if not rows:
             print(f"pwff: no finished runs under {out}/runs", file=sys.stderr)
             return 1
+        other = reproduce.unkeyed_runs(out, args.methods, seeds, profile, args.app, args.data_dir)
+        if other:  # tabulated as asked, but said: `pwff reproduce` (without --aggregate-only) reruns them
+            print(f"pwff: warning: {len(other)} run(s) tabulated were made by another config or code version "
+                  f"than this one would use (a rerun without --aggregate-only replaces them): {' '.join(other)}",
+                  file=sys.stderr)
         print(tables.markdown_table(rows))
         print("\n".join(str(p) for p in files))
         return 0

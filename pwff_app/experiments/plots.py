@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pwff_app.experiments.tables import setting_labels  # noqa: E402
+
 _COLORS = {"pftt": "#d62728", "vanilla-fl": "#1f77b4", "fedlora": "#2ca02c", "fedbert": "#9467bd",
            "local": "#7f7f7f", "fedavg-full": "#ff7f0e"}
 
@@ -92,15 +94,17 @@ def _bar(rows: Sequence[dict[str, Any]], key: str, path: Path, ylabel: str, titl
 
 
 def plot_uplink_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Uplink bytes per round (all clients), bar per method, log scale."""
-    return _bar(rows, "uplink_bytes_per_round", path, "uplink bytes / round (4 clients, log)",
+    """Uplink bytes per round (all clients), bar per method, log scale; the client count from the runs."""
+    clients, _ = setting_labels(rows)
+    return _bar(rows, "uplink_bytes_per_round", path, f"uplink bytes / round ({clients}, log)",
                 "Uplink payload per round", log=True, fmt=human_bytes)
 
 
 def plot_uplink_delay(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Ergodic uplink delay per round (s), bar per method, log scale."""
+    """Ergodic uplink delay per round (s), bar per method, log scale; the channel from the runs."""
+    _, channel = setting_labels(rows)
     return _bar(rows, "ergodic_uplink_delay_s", path, "uplink delay / round, ergodic (s, log)",
-                "Uplink delay per round, 5 dB Rayleigh", log=True, fmt=lambda v: f"{v:.3g} s")
+                f"Uplink delay per round, {channel}", log=True, fmt=lambda v: f"{v:.3g} s")
 
 
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:

@@ -58,4 +58,4 @@ def build_run_config(method: str, seed: int, runs_dir: Path, profile: str,
 def profile_header(profile: str, seeds: Sequence[int]) -> str:
     """The line above the comparison table that says what was run."""
     return (f"Profile `{profile}` ({' '.join(f'{k}={v}' for k, v in PROFILES[profile].items())}; "
-            f"wireless on: Rayleigh, 5 dB; pyproject defaults otherwise), seeds {list(seeds)}.")
+            f"pyproject defaults otherwise), seeds {list(seeds)}.")

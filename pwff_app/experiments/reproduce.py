@@ -4,9 +4,11 @@ Every (method, seed) pair is one real ``flwr run`` of this app (simulation Runti
 SuperNodes, one CPU each; :mod:`pwff_app.experiments.launch`) with a private ``FLWR_HOME`` under
 the output folder. The seed drives the Dirichlet split, so for a given seed every method sees
 the same partition. Results land in ``<out>/runs/<method>-seed<seed>/`` (``rounds.jsonl``,
-``summary.json``); a run whose ``summary.json`` already exists is not repeated, so an
-interrupted reproduction resumes. A run that fails is reported, its log kept in
-``<out>/logs/``, and the others go on.
+``summary.json``). A run whose ``summary.json`` carries the ``run_key`` this config and this
+code would produce (:mod:`pwff_app.provenance`) is not repeated, so an interrupted reproduction
+resumes; any other finished run (another config, profile, data folder or code version, or no
+key) is moved to ``<out>/stale/`` and run again, never reused. A run that fails is reported,
+its log kept in ``<out>/logs/``, and the others go on.
 
 Afterwards :func:`tabulate` turns the finished runs into ``comparison.csv`` / ``comparison.md``
 and plots (:mod:`pwff_app.experiments.tables`). What is run is :mod:`pwff_app.experiments.profiles`.
@@ -14,12 +16,15 @@ and plots (:mod:`pwff_app.experiments.tables`). What is run is :mod:`pwff_app.ex
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pwff_app.config import RunConfig, app_defaults
 from pwff_app.experiments.launch import free_ports, launch_flwr_run, log_tail, stop_local_superlink
 from pwff_app.experiments.profiles import (ALL_METHODS, PROFILES, RUN_TIMEOUT_S, build_run_config,
                                            profile_header, run_name)
@@ -36,7 +41,7 @@ class RunResult:
     method: str
     seed: int
     run_dir: Path
-    status: str  # "done" (ran now), "skipped" (summary.json already there), "failed"
+    status: str  # "done" (ran now), "skipped" (summary.json with the same run key there), "failed"
     wall_s: float = 0.0
     log: Path | None = None
     error: str = ""
@@ -57,12 +62,46 @@ class ReproduceResult:
         return [r for r in self.runs if r.status == "failed"]
 
 
+def expected_run_key(app_dir: Path, run_config: str, data_dir: Path | None) -> str:
+    """The ``run_key`` the ServerApp writes for ``flwr run <app_dir> --run-config <run_config>``.
+
+    Flower fuses the app's pyproject defaults with the parsed overrides; ``data_dir`` reaches the
+    app as ``PWFF_DATA_DIR``, which the config resolves like ``data-dir``. The code digest is
+    this process's package: an ``app_dir`` holding other code gives other keys (rerun, never reused).
+    """
+    from flwr.common.config import parse_config_args
+
+    from pwff_app.provenance import run_key
+
+    flat = {**app_defaults(app_dir), **parse_config_args([run_config])}
+    if data_dir is not None:
+        flat["data-dir"] = str(Path(data_dir).resolve())
+    return run_key(RunConfig.from_run_config(flat))
+
+
+def stored_run_key(run_dir: Path) -> str | None:
+    """The ``run_key`` of a finished run folder's ``summary.json``; None if unfinished or keyless."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()).get("run_key")
+    except (OSError, ValueError):
+        return None
+
+
+def _set_aside(run_dir: Path, stale_dir: Path) -> Path:
+    """Move a run folder out of ``runs/`` (kept, not deleted), named after its old key."""
+    stale_dir.mkdir(parents=True, exist_ok=True)
+    target = stale_dir / f"{run_dir.name}-{stored_run_key(run_dir) or 'unkeyed'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(str(run_dir), str(target))
+    return target
+
+
 def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence[int] = (42, 43, 44),
             profile: str = "quick", app_dir: Path | None = None, data_dir: Path | None = None,
             launch: Callable[..., int] | None = None, report: Callable[[RunResult], None] | None = None,
             extra_config: dict[str, Any] | None = None) -> list[RunResult]:
-    """Run every (method, seed) not already finished; stop the SuperLink at the end.
+    """Run every (method, seed) not already finished with this config and code; stop the SuperLink at the end.
 
+    A finished run with another ``run_key`` is moved to ``<out>/stale/`` and run again.
     Seeds are the outer loop, so a partial reproduction has every method for the first seeds.
     ``launch`` defaults to :func:`~pwff_app.experiments.launch.launch_flwr_run` (tests replace it)."""
     launch = launch or launch_flwr_run
@@ -78,20 +117,24 @@ def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence
                 name = run_name(method, seed)
                 run_dir = runs_dir / name
                 log = logs_dir / f"{name}.log"
-                if (run_dir / "summary.json").exists():
+                rc_text = build_run_config(method, seed, runs_dir, profile, extra_config)
+                key = expected_run_key(app_dir, rc_text, data_dir)
+                if stored_run_key(run_dir) == key:
                     res = RunResult(method, seed, run_dir, "skipped", log=log if log.exists() else None)
                 else:
-                    rc_text = build_run_config(method, seed, runs_dir, profile, extra_config)
+                    if run_dir.exists():  # another config or code made it (or it never finished)
+                        _set_aside(run_dir, out_dir / "stale")
                     t0 = time.time()
                     rc = launch(app_dir, rc_text, flwr_home, log, data_dir, RUN_TIMEOUT_S.get(profile, 3600),
                                 ports=ports)
                     wall = time.time() - t0
-                    if rc == 0 and (run_dir / "summary.json").exists():
+                    got = stored_run_key(run_dir)
+                    if rc == 0 and got == key:
                         res = RunResult(method, seed, run_dir, "done", wall, log)
                     else:
-                        why = f"exit {rc}" if rc != 0 else "no summary.json"
-                        res = RunResult(method, seed, run_dir, "failed", wall, log,
-                                        f"{why}: {log_tail(log)}")
+                        why = (f"exit {rc}" if rc != 0 else "no summary.json" if got is None else
+                               f"run_key {got} != {key} (does --app hold other code?)")
+                        res = RunResult(method, seed, run_dir, "failed", wall, log, f"{why}: {log_tail(log)}")
                 results.append(res)
                 if report:
                     report(res)
@@ -99,6 +142,16 @@ def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence
         if launch is launch_flwr_run:
             stop_local_superlink(flwr_home)
     return results
+
+
+def unkeyed_runs(out_dir: Path, methods: Sequence[str], seeds: Sequence[int], profile: str,
+                 app_dir: Path | None = None, data_dir: Path | None = None,
+                 extra_config: dict[str, Any] | None = None) -> list[str]:
+    """Finished runs in ``out_dir`` whose ``run_key`` is not the one this config and code give."""
+    runs_dir = (Path(out_dir) / "runs").resolve()
+    return [run_name(m, s) for s in seeds for m in methods
+            if (runs_dir / run_name(m, s) / "summary.json").exists() and stored_run_key(runs_dir / run_name(m, s))
+            != expected_run_key(app_dir or APP_DIR, build_run_config(m, s, runs_dir, profile, extra_config), data_dir)]
 
 
 def tabulate(out_dir: Path, methods: Sequence[str], seeds: Sequence[int],

@@ -18,18 +18,36 @@ from typing import Any
 
 from pwff_app.experiments.profiles import ALL_METHODS
 
-# Columns of comparison.csv: (key, header in comparison.md).
+# Columns of comparison.csv: (key, what it is).
 METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "final personalized accuracy"),
     ("uplink_bytes_per_round", "uplink bytes / round (all clients)"),
     ("downlink_bytes_per_round", "downlink bytes / round (all clients)"),
     ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)"),
     ("median_uplink_delay_s", "uplink delay, median (s)"),
+    ("p95_uplink_delay_s", "uplink delay, p95 (s)"),
     ("mean_uplink_delay_s", "uplink delay / round, mean over fades (s)"),
     ("energy_per_round_j", "energy / round (J)"),
-    ("latency_per_round_s", "round latency (s)"),
+    ("latency_per_round_s", "round latency, mean (s)"),
+    ("median_round_latency_s", "round latency, median (s)"),
+    ("p95_round_latency_s", "round latency, p95 (s)"),
     ("uplink_loss_rate", "uplink updates lost"),
 )
+# The tables of comparison.md: (key, header, format). Delay and latency get their own table,
+# with median and p95 beside the mean: the Rayleigh delay's mean is infinite (MD_NOTES).
+RESULT_COLUMNS = (("accuracy", "final personalized accuracy", "acc"),
+                  ("uplink_bytes_per_round", "uplink bytes / round", "bytes"),
+                  ("downlink_bytes_per_round", "downlink bytes / round", "bytes"),
+                  ("energy_per_round_j", "energy / round (J)", "float"),
+                  ("uplink_loss_rate", "uplink updates lost", "pct"),
+                  ("n_seeds", "seeds", "int"))
+DELAY_COLUMNS = (("ergodic_uplink_delay_s", "uplink delay, ergodic (s)", "float"),
+                 ("mean_uplink_delay_s", "uplink delay, mean (s)", "float"),
+                 ("median_uplink_delay_s", "uplink delay, median (s)", "float"),
+                 ("p95_uplink_delay_s", "uplink delay, p95 (s)", "float"),
+                 ("latency_per_round_s", "round latency, mean (s)", "float"),
+                 ("median_round_latency_s", "round latency, median (s)", "float"),
+                 ("p95_round_latency_s", "round latency, p95 (s)", "float"))
 
 
 def _num(x: Any) -> float | None:
@@ -53,6 +71,22 @@ def _seed_of(run_dir: Path, summary: dict[str, Any]) -> int | None:
         except ValueError:
             return None
     return None
+
+
+def channel_label(summary: dict[str, Any]) -> str | None:
+    """The run's link as a label, from its own config: ``5 dB Rayleigh``, ``10/5/5/0 dB Rayleigh``
+    (per client), ``ideal link``; None when the summary does not say."""
+    wireless = summary.get("wireless") or {}
+    config = {**(summary.get("config") or {}), **(wireless.get("config") or {})}
+    if wireless.get("enabled") is False or config.get("wireless.enabled") is False:
+        return "ideal link"
+    snr = config.get("wireless.snr-db")
+    return None if snr is None else f"{'/'.join(str(snr).replace(' ', '').split(','))} dB Rayleigh"
+
+
+def _clients_of(summary: dict[str, Any]) -> int | None:
+    n = summary.get("num_clients", (summary.get("config") or {}).get("num-clients"))
+    return None if n is None else int(n)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -81,11 +115,16 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "downlink_bytes_per_round": _num((comm.get("downlink_bytes_per_round") or {}).get("total")),
         "ergodic_uplink_delay_s": _num(w.get("ergodic_uplink_delay_s")),
         "median_uplink_delay_s": _num(w.get("median_uplink_delay_s")),
+        "p95_uplink_delay_s": _num(w.get("p95_uplink_delay_s")),
         "mean_uplink_delay_s": _num(w.get("mean_uplink_delay_s")),
         "energy_per_round_j": energy / n_rounds if energy is not None and n_rounds else None,
         "latency_per_round_s": _num(w.get("mean_round_latency_s")),
+        "median_round_latency_s": _num(w.get("median_round_latency_s")),
+        "p95_round_latency_s": _num(w.get("p95_round_latency_s")),
         "uplink_loss_rate": _num(w.get("loss_rate")),
         "num_rounds": s.get("num_rounds"),
+        "num_clients": _clients_of(s),
+        "channel": channel_label(s),
         "curve": curve,
     }
 
@@ -114,6 +153,8 @@ def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_M
     for m in order:
         runs = sorted(by_method[m], key=lambda r: (r["seed"] is None, r["seed"] or 0))
         row: dict[str, Any] = {"method": m, "n_seeds": len(runs), "seeds": [r["seed"] for r in runs]}
+        for key in ("num_clients", "channel"):  # what the runs were, from their own configs
+            row[key] = sorted({r[key] for r in runs if r[key] is not None})
         for key, _ in METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(r[key] for r in runs)
         by_round: dict[int, list[float]] = {}
@@ -158,16 +199,17 @@ def _fmt(mean: float | None, std: float | None, kind: str) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison table: mean ± sample std over seeds, one row per method."""
-    cols = [("accuracy", "final personalized accuracy", "acc"),
-            ("uplink_bytes_per_round", "uplink bytes / round", "bytes"),
-            ("downlink_bytes_per_round", "downlink bytes / round", "bytes"),
-            ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)", "float"),
-            ("median_uplink_delay_s", "uplink delay, median (s)", "float"),
-            ("energy_per_round_j", "energy / round (J)", "float"),
-            ("uplink_loss_rate", "uplink updates lost", "pct"),
-            ("n_seeds", "seeds", "int")]
+def setting_labels(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """(clients, channel) labels of the runs behind ``rows``, e.g. ``("4 clients", "5 dB Rayleigh")``;
+    where runs differ, every value (``"2/4 clients"``); where no run says, ``"? clients"`` / ``"link n/a"``."""
+    clients = sorted({n for r in rows for n in r.get("num_clients", [])})
+    channels = sorted({c for r in rows for c in r.get("channel", [])})
+    return (f"{'/'.join(map(str, clients)) or '?'} client{'' if clients == [1] else 's'}",
+            " | ".join(channels) or "link n/a")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str, str]] = RESULT_COLUMNS) -> str:
+    """One comparison table: mean ± sample std over seeds of ``cols``, one row per method."""
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for row in rows:
@@ -179,22 +221,32 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 MD_NOTES = """
 Mean ± sample standard deviation (n−1) over seeds. *Final personalized accuracy*: mean over
-the 4 clients of each client's accuracy on its own test split in the last round
-(`summary.json` `accuracy.mean`). *Bytes / round*: summed over the 4 clients, mean over rounds
-(`comm.*_bytes_per_round.total`). *Uplink delay / round, ergodic*: mean over rounds of the
-mean over clients of payload / (B · E[log2(1 + SNR·|h|²)]) — the Rayleigh delay's own mean is
-infinite, so the per-fade mean (`mean_uplink_delay_s`, in comparison.csv) is dominated by
-deep fades; the median over all uplinks is shown as well. *Energy / round*: uplink + downlink
-transmit energy of all clients, `wireless.total_energy_j` / rounds. *Uplink bytes* count
-delivered updates only (a lost update is not in `comm`); *uplink updates lost* is the share of
-attempted uplinks lost after retransmissions (`wireless.loss_rate`).
+the {clients} of each client's accuracy on its own test split in the last round
+(`summary.json` `accuracy.mean`). *Bytes / round*: summed over the {clients}, mean over rounds
+(`comm.*_bytes_per_round.total`). *Energy / round*: uplink + downlink transmit energy of all
+clients, `wireless.total_energy_j` / rounds. *Uplink bytes* count delivered updates only (a lost
+update is not in `comm`); *uplink updates lost* is the share of attempted uplinks lost after
+retransmissions (`wireless.loss_rate`).
+
+Delay and latency ({channel}): the Rayleigh delay payload / (B · log2(1 + SNR·|h|²)) has an
+infinite mean (E[1/|h|²] diverges near |h|² = 0), so its sample mean over fades
+(`wireless.mean_uplink_delay_s`) is ruled by the rare deep fades and does not settle; the
+median and the 95th percentile over all uplinks of a run (`median_uplink_delay_s`,
+`p95_uplink_delay_s`) say what a typical and a bad upload cost. *Ergodic*: mean over rounds of
+the mean over clients of payload / (B · E[log2(1 + SNR·|h|²)]). *Round latency*: per round the
+slowest client's downlink + compute + uplink (`rounds.jsonl` `wireless.latency_s`), then mean,
+median and p95 over the rounds of a run (`wireless.*_round_latency_s`).
 """
 
 
 def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = "PFTT vs contenders (Fig. 5)",
                    header: str = "") -> Path:
-    """``comparison.md``: title, ``header`` (what was run), the table and how to read it."""
-    text = f"# {title}\n\n" + (header.strip() + "\n\n" if header else "") + markdown_table(rows) + MD_NOTES
+    """``comparison.md``: title, ``header`` (what was run), the runs' own setting, both tables and how to read them."""
+    clients, channel = setting_labels(rows)
+    text = (f"# {title}\n\n" + (header.strip() + "\n\n" if header else "")
+            + f"Runs (from each run's `summary.json`): {clients}, {channel}.\n\n" + markdown_table(rows)
+            + f"\n## Delay and latency ({channel})\n\n" + markdown_table(rows, DELAY_COLUMNS)
+            + MD_NOTES.format(clients=clients, channel=channel))
     Path(path).write_text(text)
     return Path(path)
 

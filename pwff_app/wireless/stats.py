@@ -5,10 +5,16 @@ What :class:`pwff_app.wireless.link.WirelessGrid` logs per node and round (a
 client (:func:`client_summary`), one record per round (:func:`summarize_round`, the
 ``wireless`` entry of ``rounds.jsonl``) and the ``wireless`` block of ``summary.json``
 (:func:`summary_block`). Units: bits, seconds, joules (bytes in the summary block's totals).
+
+Delays and latencies are reported as mean, median and 95th percentile: under Rayleigh fading
+the delay ``bits / (B log2(1 + SNR g))`` has an infinite expectation (``E[1/g]`` diverges
+near ``g = 0``), so a sample mean is ruled by the rare deep fades and never settles; the
+median and p95 say what a typical and a bad round cost.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +40,24 @@ class ClientRound:
     def label(self) -> str:
         """Row key in the statistics: the client id, or ``node-<id>`` while unknown."""
         return str(self.client_id) if self.client_id is not None else f"node-{self.node_id}"
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation between order statistics
+    (numpy's default); None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def spread(values: Sequence[float], name: str) -> dict[str, float | None]:
+    """``mean_<name>``, ``median_<name>`` and ``p95_<name>`` of ``values`` (None when empty)."""
+    return {f"mean_{name}": statistics.fmean(values) if values else None,
+            f"median_{name}": statistics.median(values) if values else None,
+            f"p95_{name}": percentile(values, 95)}
 
 
 def client_summary(entry: ClientRound) -> dict[str, int | float | bool | None]:
@@ -73,9 +97,10 @@ def summarize_round(entries: Iterable[ClientRound]) -> dict:
     """One round: ``clients`` (rows of :func:`client_summary` by client id as a string)
     and totals.
 
-    ``latency_s`` is the max over clients of down + compute + up delay; ``lost_updates``
-    counts updates the channel kept from the server (lost uplinks, and lost downlinks the
-    client could not answer).
+    ``latency_s`` is the max over clients of down + compute + up delay (the round waits for the
+    slowest); ``mean/median/p95_client_latency_s`` spread that over the clients, and
+    ``mean/median/p95_delay_up_s`` the uplink delays. ``lost_updates`` counts updates the
+    channel kept from the server (lost uplinks, and lost downlinks the client could not answer).
     """
     rows = {e.label: client_summary(e) for e in entries}
 
@@ -87,7 +112,8 @@ def summarize_round(entries: Iterable[ClientRound]) -> dict:
         "clients": rows,
         "participants": len(rows),
         "latency_s": max((r["latency_s"] for r in rows.values()), default=0.0),
-        "mean_delay_up_s": statistics.fmean(uplink_delays) if uplink_delays else None,
+        **spread([r["latency_s"] for r in rows.values()], "client_latency_s"),
+        **spread(uplink_delays, "delay_up_s"),
         "bits_up": total("bits_up"),
         "bits_down": total("bits_down"),
         "retransmitted_bits": total("retransmitted_bits"),
@@ -108,8 +134,9 @@ def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: Cha
 
     ``mean_uplink_delay_s`` is the mean over rounds of the mean over clients. Because the
     Rayleigh delay ``bits / (B log2(1 + SNR g))`` has a heavy tail (its expectation is
-    infinite: ``E[1/g]`` diverges near ``g = 0``), the median over all uplinks and, given
-    ``cfg``, the ergodic delay ``payload / (B E[log2(1 + SNR g)])`` are reported as well.
+    infinite: ``E[1/g]`` diverges near ``g = 0``), the median and p95 over all uplinks and,
+    given ``cfg``, the ergodic delay ``payload / (B E[log2(1 + SNR g)])`` are reported as well;
+    the round latency (``latency_s`` of each round) likewise as mean, median and p95 over rounds.
     """
     rounds = list(all_round_stats.values()) if isinstance(all_round_stats, Mapping) else list(all_round_stats)
     uplinks = [c for r in rounds for c in r["clients"].values() if c["uplink_attempted"]]
@@ -120,7 +147,8 @@ def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: Cha
         "rounds": len(rounds),
         "mean_uplink_delay_s": statistics.fmean(per_round) if per_round else None,
         "median_uplink_delay_s": statistics.median(c["delay_up_s"] for c in uplinks) if uplinks else None,
-        "mean_round_latency_s": statistics.fmean(r["latency_s"] for r in rounds) if rounds else None,
+        "p95_uplink_delay_s": percentile((c["delay_up_s"] for c in uplinks), 95),
+        **spread([r["latency_s"] for r in rounds], "round_latency_s"),
         "total_energy_j": sum(r["energy_j"] for r in rounds),
         "total_energy_up_j": sum(r["energy_up_j"] for r in rounds),
         "total_energy_down_j": sum(r["energy_down_j"] for r in rounds),
@@ -158,4 +186,4 @@ def _ergodic_uplink_delay(rounds: Sequence[dict], cfg: ChannelConfig) -> float |
     return statistics.fmean(per_round) if per_round else None
 
 
-__all__ = ["ClientRound", "client_summary", "summarize_round", "summary_block"]
+__all__ = ["ClientRound", "client_summary", "percentile", "spread", "summarize_round", "summary_block"]
