@@ -15,10 +15,11 @@ from pwff_app import server_app
 from pwff_app.config import RunConfig
 from pwff_app.instruct import runtime
 from pwff_app.protocols import PROTOCOLS
-from pwff_app.sources import DataNotFoundError, ModelNotFoundError, SourceNotFoundError
+from pwff_app.sources import DataNotFoundError, ModelNotFoundError
 from pwff_app.task_tuning import data as task_data
 from tests.conftest import run_config
 from tests.test_e2e import flwr, private_superlink, run_args
+from tests.test_rewards import _write_synthetic
 
 LINE = "[pwff] preflight failed: "
 
@@ -58,9 +59,16 @@ def test_missing_models_are_one_line(tmp_path, tiny_data_dir) -> None:
     with pytest.raises(ModelNotFoundError, match="task.model-name") as info:
         task_data.preflight(cfg)
     assert "\n" not in str(info.value)
-    cfg = RunConfig.from_run_config(run_config(method="pfit", instruct__policy_name=str(tmp_path / "m.Q4_1.gguf")))
-    with pytest.raises(SourceNotFoundError):  # Alpaca (no data folder, Hub offline) or the policy: one line
-        runtime.preflight(cfg)
+    data = tmp_path / "data"
+    (data / "alpaca").mkdir(parents=True)
+    (data / "alpaca" / "alpaca_5000.json").write_text(json.dumps([{"instruction": "hi", "input": "", "output": ""}]))
+    _write_synthetic(data)  # HH-RLHF files: only the policy is missing now
+    for name, message in [(str(tmp_path / "m.Q4_1.gguf"), "policy GGUF file .* not found"),
+                          (str(tmp_path / "no-model"), "could not resolve policy .*instruct.policy-name")]:
+        cfg = RunConfig.from_run_config(run_config(method="pfit", data_dir=str(data), instruct__policy_name=name))
+        with pytest.raises(ModelNotFoundError, match=message) as info:
+            runtime.preflight(cfg)
+        assert "\n" not in str(info.value)
 
 
 def test_task_preflight_reads_the_hub_when_no_folder_is_set(monkeypatch) -> None:

@@ -2,7 +2,8 @@
 
 A cache entry is ``<cache_dir>/<key>.safetensors`` (both heads and their standardisation
 stats) + ``<key>.json`` (the metrics, written last: it marks the entry complete), the key
-covering the cache format, the config, the encoder and the data files' sizes and hashes.
+covering the cache format, the config, the encoder and the data (the files' sizes and hashes,
+or the Hub id, data dir, row count and a hash of the rows).
 """
 
 from __future__ import annotations
