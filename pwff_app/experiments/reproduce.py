@@ -149,9 +149,15 @@ def unkeyed_runs(out_dir: Path, methods: Sequence[str], seeds: Sequence[int], pr
                  extra_config: dict[str, Any] | None = None) -> list[str]:
     """Finished runs in ``out_dir`` whose ``run_key`` is not the one this config and code give."""
     runs_dir = (Path(out_dir) / "runs").resolve()
-    return [run_name(m, s) for s in seeds for m in methods
-            if (runs_dir / run_name(m, s) / "summary.json").exists() and stored_run_key(runs_dir / run_name(m, s))
-            != expected_run_key(app_dir or APP_DIR, build_run_config(m, s, runs_dir, profile, extra_config), data_dir)]
+    other = []
+    for seed in seeds:
+        for method in methods:
+            run_dir = runs_dir / run_name(method, seed)
+            rc_text = build_run_config(method, seed, runs_dir, profile, extra_config)
+            if (run_dir / "summary.json").exists() and (
+                    stored_run_key(run_dir) != expected_run_key(app_dir or APP_DIR, rc_text, data_dir)):
+                other.append(run_dir.name)
+    return other
 
 
 def tabulate(out_dir: Path, methods: Sequence[str], seeds: Sequence[int],
