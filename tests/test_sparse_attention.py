@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from transformers import AttentionInterface
 
 from pwff_app.instruct.policy import (
     PolicyWithValue,
+    attention_module,
     freeze_all_but_last_blocks,
     is_attention_param,
     trainable_state,
 )
 from pwff_app.testing.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 from pwff_app.instruct.ppo import logprobs_and_values
+from pwff_app.instruct import sparse_attention
 from pwff_app.instruct.rollouts import Rollouts
 from pwff_app.instruct.sparse_attention import (
+    _allowed_keys,
     aggregate_sparse,
     attended_pairs,
     attention_flops,
     attention_pair_counts,
+    block_sparse_attention,
     build_attention_masks,
     enable_sparse_attention,
     keep_count,
+    masked_attention,
     pack_sparse,
+    sparse_attention_forward,
     sparse_pattern,
     unpack_sparse,
     upload_bytes,
 )
+from pwff_app.instruct.sparse_pattern import KEY_BLOCK, QUERY_BLOCK, prefill_groups
 
 MODELS = [tiny_llama, tiny_gpt2]
 
@@ -188,3 +197,154 @@ def test_sparsity_is_validated() -> None:
         enable_sparse_attention(tiny_llama(), ["model.layers.3"], 1.0)
     with pytest.raises(ValueError, match="rule"):
         build_attention_masks(tiny_llama(), ["model.layers.3"], 0.4, rule="largest")
+
+
+# --- The block-sparse kernel against the masked dense reference ------------------------------
+
+HEADS, KV_HEADS, HEAD_DIM, SCALE = 4, 2, 8, 0.3  # the tiny Llama's grouped-query shape
+
+
+def _qkv(seq_len: int) -> list[torch.Tensor]:
+    """Random float64 query [3, 4, T, 8] and key, value [3, 2, T, 8] that require gradients."""
+    gen = torch.Generator().manual_seed(seq_len)
+    shapes = [(3, HEADS, seq_len, HEAD_DIM)] + [(3, KV_HEADS, seq_len, HEAD_DIM)] * 2
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def _key_mask(seq_len: int, right: bool = True) -> torch.Tensor:
+    """[3, T] token mask: row 0 unpadded, row 1 left-padded past a key block, row 2 left (and right) padded."""
+    mask = torch.ones(3, seq_len, dtype=torch.bool)
+    mask[1, : min(21, seq_len - 1)] = False
+    mask[2, :3] = False
+    if right:
+        mask[2, max(4, seq_len - 5):] = False
+    return mask
+
+
+def _allowed(key_mask: torch.Tensor) -> torch.Tensor:
+    """The bool [B, 1, T, T] mask transformers prepares for SDPA: causal and not a padding key."""
+    seq_len = key_mask.shape[1]
+    return torch.ones(seq_len, seq_len, dtype=torch.bool).tril() & key_mask[:, None, None, :]
+
+
+def _grads(out: torch.Tensor, rows: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of a fixed random projection of the outputs [B, Q, H, D] at ``rows`` [B, Q]."""
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    return list(torch.autograd.grad((out * weight)[rows].sum(), inputs, retain_graph=True))
+
+
+def _assert_matches(out: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """Outputs at ``rows`` and the gradients of q, k, v through them agree to float64 rounding."""
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-10, rtol=1e-10)
+    for got, want in zip(_grads(out, rows, inputs), _grads(ref, rows, inputs), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.4, 0.7])
+@pytest.mark.parametrize("seq_len", [1, 24, 64, 100, 150, 260])
+@pytest.mark.parametrize("mask_form", ["none", "bool", "float"])
+def test_kernel_matches_masked_reference(sparsity: float, seq_len: int, mask_form: str) -> None:
+    # Full forward (prefill / training): every token row, forward and backward, any mask form.
+    q, k, v = _qkv(seq_len)
+    tokens = _key_mask(seq_len) if mask_form != "none" else torch.ones(3, seq_len, dtype=torch.bool)
+    allowed = _allowed(tokens)
+    mask = {"none": None, "bool": allowed,
+            "float": torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)}
+    given = None if mask[mask_form] is None else _allowed_keys(mask[mask_form], seq_len, seq_len, q.device)
+    out, _ = block_sparse_attention(q, k, v, given, sparsity, SCALE)
+    ref, _, _ = masked_attention(q, k, v, allowed, sparsity, SCALE)
+    _assert_matches(out, ref, tokens, [q, k, v])  # right-padding rows are never read
+    assert not out[~allowed.any(-1)[:, 0]].any()  # left-padding rows see nothing: 0, as the reference
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.4, 0.7])
+def test_kernel_decoding_step_matches_reference(sparsity: float) -> None:
+    # One query at a time against a cache of every length: the row the full reference computes.
+    seq_len = 150
+    q, k, v = _qkv(seq_len)
+    tokens = _key_mask(seq_len, right=False)
+    allowed = _allowed(tokens)
+    ref, _, _ = masked_attention(q, k, v, allowed, sparsity, SCALE)
+    for t in [0, 5, 22, 63, 64, 65, 100, 149]:
+        step = [q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]]
+        out, _ = block_sparse_attention(*step, allowed[:, :, t:t + 1, :t + 1], sparsity, SCALE)
+        _assert_matches(out, ref[:, t:t + 1], tokens[:, t:t + 1], [q, k, v])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.4])
+def test_kernel_counts_attended_pairs(sparsity: float) -> None:
+    seq_len = 150
+    q, k, v = _qkv(seq_len)
+    allowed = _allowed(_key_mask(seq_len, right=False))
+    _, attended = block_sparse_attention(q, k, v, allowed, sparsity, SCALE)
+    assert int(attended) == int(sparse_pattern(allowed, sparsity).sum())
+    _, attended = block_sparse_attention(q[:, :, -1:], k, v, allowed[:, :, -1:], sparsity, SCALE)
+    assert int(attended) == int(sparse_pattern(allowed[:, :, -1:], sparsity).sum())
+
+
+def test_kernel_sends_no_fully_masked_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fused GPU kernels may give NaN gradients for a row that sees nothing; padding rows must not reach them.
+    all_rows_see_a_key = []
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        all_rows_see_a_key.append(bool(attn_mask.any(-1).all()))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sparse_attention, "scaled_dot_product_attention", spy)
+    tokens = _key_mask(100)
+    tokens[2] = False  # a row of padding only
+    q, k, v = _qkv(100)
+    out, _ = block_sparse_attention(q, k, v, _allowed(tokens), 0.4, SCALE)
+    assert all_rows_see_a_key and all(all_rows_see_a_key)
+    assert not out[2].any()
+
+
+def test_kernel_skips_dropped_blocks() -> None:
+    # Computed (row, key) pairs: well under the causal triangle at T = 2048, s = 0.4, and all attended ones.
+    seq_len = 2048
+    computed = sum(count * QUERY_BLOCK * (1 + (strided + window) * KEY_BLOCK)
+                   for _, count, strided, window in prefill_groups(seq_len, 0.4))
+    assert attended_pairs(seq_len, 0.4) < computed < 0.75 * seq_len * (seq_len + 1) / 2
+
+
+def test_kernel_reads_no_device_values() -> None:
+    # On the meta device nothing can be read to the host: the hot path has no sync to wait on.
+    module = SimpleNamespace(training=False, pwff_sparsity=0.4, pwff_pairs=torch.zeros(2, dtype=torch.long))
+    for q_len, k_len in [(150, 150), (1, 150)]:
+        q = torch.empty(2, HEADS, q_len, HEAD_DIM, device="meta")
+        k = v = torch.empty(2, KV_HEADS, k_len, HEAD_DIM, device="meta")
+        for mask in [None, torch.empty(2, 1, q_len, k_len, dtype=torch.bool, device="meta")]:
+            out, _ = sparse_attention_forward(module, q, k, v, mask)
+            assert out.shape == (2, q_len, HEADS, HEAD_DIM) and out.device.type == "meta"
+    assert module.pwff_pairs.device.type == "meta"
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_model_with_kernel_matches_reference_model(make) -> None:
+    # Whole model, left-padded batch: the kernel's logits and gradients equal the masked reference's.
+    batch = _padded_batch(100)
+    logits, grads = [], []
+    for attention in ("kernel", "reference"):
+        model = make()
+        blocks = freeze_all_but_last_blocks(model, 2)
+        enable_sparse_attention(model, blocks, 0.4)
+        if attention == "reference":  # the same pattern, dense scores + mask
+            for name in blocks:
+                attention_module(model.get_submodule(name)).config._attn_implementation = "pwff_test_reference"
+        out = model(**batch).logits
+        out[batch["attention_mask"].bool()].square().mean().backward()
+        logits.append(out.detach())
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[0][real], logits[1][real], atol=1e-5, rtol=1e-5)
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    allowed = _allowed_keys(attention_mask, query.shape[2], key.shape[2], query.device)
+    out, probs, _ = masked_attention(query, key, value, allowed, module.pwff_sparsity, scaling or query.shape[-1] ** -0.5)
+    return out, probs
+
+
+AttentionInterface.register("pwff_test_reference", _reference_attention)

@@ -3,15 +3,14 @@
 Two separate, measured effects on the trainable blocks only (earlier blocks stay dense):
 
 1. Compute: each query attends to k(n) = max(1, round((1 - s) n)) of the n keys it may see
-   (the causal, non-padding keys). The pattern is the local + strided factorisation of
-   Child et al. 2019, "Generating Long Sequences with Sparse Transformers", with the budget
-   fixed per query: the ceil(k/2) most recent keys (local window, including the query itself)
-   plus k - ceil(k/2) keys evenly strided over the older ones, starting at the first token
-   (the "attention sink" of Xiao et al. 2023, which pretrained LMs lean on). The pattern
-   depends only on key positions, not content, so a block-sparse kernel could skip both
-   QK^T and AV for the dropped pairs; :func:`attention_flops` counts exactly those.
-   Here it runs as dense scores + mask (no sparse kernel on CPU), so wall time is not cut;
-   the attended pairs are counted from the actual mask of every forward.
+   (the causal, non-padding keys), in the block local + strided pattern of
+   :mod:`pwff_app.instruct.sparse_pattern` (Child et al. 2019, "Generating Long Sequences with
+   Sparse Transformers"; strided key blocks start at the first token, the "attention sink" of
+   Xiao et al. 2023). The kernel skips the dropped key blocks: each tile of 64 query rows
+   gathers only the 16-key blocks its queries keep and runs ``scaled_dot_product_attention``
+   on them, with the exact pattern, causal and padding mask inside the gathered blocks.
+   :func:`attention_flops` counts the attended pairs (what a perfect kernel executes); the
+   counters accumulate on the device and are read once, by :func:`attention_pair_counts`.
    Ranks are taken over each query row's visible keys, so a left-padded row, a full forward
    and incremental decoding with a KV cache all select the same keys for the same query.
 
@@ -33,41 +32,24 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 
 from pwff_app.config import MASK_RULES
 from pwff_app.instruct.policy import attention_module, is_attention_param
+from pwff_app.instruct.sparse_pattern import (
+    QUERY_BLOCK,
+    decode_counts,
+    keep_count,
+    prefill_groups,
+    sparse_pattern,
+    tile_keep,
+    tile_slots,
+)
+
+__all__ = ["keep_count", "sparse_pattern"]  # re-exported: the pattern's public names
 
 SPARSE_ATTENTION = "pwff_sparse"
-
-
-def keep_count(n: torch.Tensor | int, sparsity: float) -> torch.Tensor:
-    """round((1 - s) n), half up, as an int64 tensor (float64 so 0.6 * 5 stays 3)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return torch.floor((1.0 - sparsity) * torch.as_tensor(n, dtype=torch.float64) + 0.5).long()
-
-
-def _ceil_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return -torch.div(-a, b, rounding_mode="floor")
-
-
-def sparse_pattern(allowed: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Local + strided selection inside each row of ``allowed`` (bool [..., Q, K]); same shape out.
-
-    Row with n visible keys ranked rho = 0..n-1 by position: keep k = max(1, round((1-s) n)),
-    the w = ceil(k/2) largest ranks plus r = k - w ranks floor(t m / r), t = 0..r-1, among the
-    m = n - w older ones (rho is one of them iff ceil((rho+1) r / m) > ceil(rho r / m)).
-    """
-    n = allowed.sum(-1, keepdim=True)
-    rank = allowed.long().cumsum(-1) - 1
-    k = torch.where(n > 0, keep_count(n, sparsity).clamp(min=1), 0)
-    w = (k + 1) // 2
-    m = n - w
-    r = k - w
-    m1 = m.clamp(min=1)
-    strided = (rank < m) & (_ceil_div((rank + 1) * r, m1) > _ceil_div(rank * r, m1))
-    return allowed & ((rank >= m) | strided)
 
 
 def _allowed_keys(mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -85,6 +67,130 @@ def _allowed_keys(mask: torch.Tensor | None, q_len: int, k_len: int, device: tor
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, sparsity: float,
+    scale: float, dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: dense scores masked to the pattern. query [B, H, Q, D], key/value [B, H_kv, K, D].
+
+    Returns output [B, Q, H, D], weights [B, H, Q, K] and the kept mask [B|1, 1|H, Q, K].
+    Every (query, key) pair is computed; the kernel must match this within float rounding.
+    """
+    heads = query.shape[1]
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    keep = sparse_pattern(allowed, sparsity)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    # Softmax in at least float32; float64 stays float64 (its min would overflow to -inf in float32).
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    # A row with no visible key (left padding) would get uniform weights: zero it instead.
+    probs = nn.functional.dropout(probs * keep.any(-1, keepdim=True), p=dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs, keep
+
+
+def _tile_index(
+    allowed: torch.Tensor | None, first: torch.Tensor, rows: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor],
+    sizes: tuple[int, int], sparsity: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where one kernel call reads and writes, and what it attends.
+
+    first [B]: position of key rank 0 (the left padding); rows [B|1, t, R]: each tile row's
+    query rank; slots: key ranks and real flags [B|1, t, S] (:func:`tile_slots`); sizes (Q, K).
+    Returns flat query rows b Q + i [B, t, R], flat key rows b K + j [B, t, S], the SDPA mask
+    bool [B, t, R, S], each row's output row [B, t, R] (B Q, a spare row, for rows whose output
+    is 0 or no query's) and the attended (row, key) pairs as a device scalar.
+    """
+    (q_len, k_len), (ranks, real) = sizes, slots
+    b = torch.arange(first.shape[0], device=first.device)[:, None, None]
+    query_at = rows + first[:, None, None] - (k_len - q_len)  # query index of each row
+    row_ok = (query_at >= 0) & (query_at < q_len)
+    query_at = query_at.clamp(0, q_len - 1)
+    key_at = (ranks + first[:, None, None]).clamp(0, k_len - 1)
+    keep = tile_keep(rows + 1, ranks, real, sparsity) & row_ok[..., None]
+    if allowed is not None:  # the model's own mask stays exact, whatever layout it has
+        per_row = allowed[:, 0]
+        keep &= per_row[b[..., None] if per_row.shape[0] > 1 else 0, query_at[..., None], key_at[..., None, :]]
+    # No fully masked row reaches SDPA (fused GPU kernels may return NaN gradients for one): a row
+    # that keeps nothing attends slot 0 instead, and its output is dropped (it stays 0).
+    empty = ~keep.any(-1)
+    mask = torch.cat([keep[..., :1] | empty[..., None], keep[..., 1:]], -1)
+    target = torch.where(row_ok & ~empty, query_at + b * q_len, first.shape[0] * q_len)
+    return query_at + b * q_len, key_at + b * k_len, mask, target, keep.sum()
+
+
+def _tile_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float
+) -> torch.Tensor:
+    """SDPA of gathered tiles: q [B t R, H, D], k/v [B t S, H_kv, D], mask [B, t, R, S] -> [B t R, H, D]."""
+    batch, tiles, rows, slots = mask.shape
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    group, n = heads // kv_heads, batch * tiles
+    # Query heads of one KV head become extra rows (grouped-query attention without repeating K/V).
+    q = q.view(n, rows, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * rows, dim)
+    k, v = (x.view(n, slots, kv_heads, dim).transpose(1, 2) for x in (k, v))
+    mask = mask.view(n, 1, 1, rows, slots).expand(-1, -1, group, -1, -1).reshape(n, 1, group * rows, slots)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.view(n, kv_heads, group, rows, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
+
+
+def _tiles(
+    first: torch.Tensor, q_len: int, k_len: int, sparsity: float
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """(rows, slots) per kernel call: the query-block groups of a full forward, or one decoding query.
+
+    Shapes come from (Q, K, s) on the host; the ranks that depend on padding stay on the device.
+    """
+    device = first.device
+    if q_len == 1:  # decoding: the one query of rank K - 1 - first, slots bounded for any padding
+        n = (k_len - first)[:, None]
+        return [((n - 1)[..., None], tile_slots(n, n, sparsity, *decode_counts(k_len, sparsity)))]
+    calls = []
+    for block, count, strided, window in prefill_groups(k_len, sparsity):
+        n_first = torch.arange(block, block + count, device=device) * QUERY_BLOCK + 1
+        rows = (n_first - 1)[:, None] + torch.arange(QUERY_BLOCK, device=device)
+        ranks, real = tile_slots(n_first, (n_first + QUERY_BLOCK - 1).clamp(max=k_len), sparsity, strided, window)
+        calls.append((rows[None], (ranks[None], real[None])))
+    return calls
+
+
+def _first_key(allowed: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Per row [B], the position of the first key the last query sees: the left padding (0 if no mask)."""
+    if allowed is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return allowed[:, 0, -1].int().argmax(-1).expand(batch)  # argmax: the first maximum
+
+
+def _gather(x: torch.Tensor, index: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows of x [B, heads, L, D] at flat positions b L + i: one gather for all ``index``, split to match."""
+    rows = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+    return list(rows.index_select(0, torch.cat([i.flatten() for i in index])).split([i.numel() for i in index]))
+
+
+def block_sparse_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, sparsity: float,
+    scale: float, dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel for a full forward (Q = K) or one decoding query (Q = 1) over K keys.
+
+    query [B, H, Q, D], key/value [B, H_kv, K, D], allowed: bool [B|1, 1, Q, K] or None (causal).
+    Returns output [B, Q, H, D] (0 for rows that see no key) and the attended (query row, key)
+    pairs per head as a device scalar. Only the gathered key blocks are computed.
+    """
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    first = _first_key(allowed, batch, query.device)
+    calls = [_tile_index(allowed, first, rows, slots, (q_len, k_len), sparsity)
+             for rows, slots in _tiles(first, q_len, k_len, sparsity)]
+    query_at, key_at, masks, targets, attended = zip(*calls, strict=True)
+    outs = [_tile_attention(q, k, v, mask, scale, dropout) for q, k, v, mask in zip(
+        _gather(query, query_at), _gather(key, key_at), _gather(value, key_at), masks, strict=True)]
+    # One scatter into a zero output with a spare row for tile rows that are no query.
+    out = query.new_zeros(batch * q_len + 1, heads, dim).index_add(
+        0, torch.cat([t.flatten() for t in targets]), torch.cat(outs))
+    return out[:-1].view(batch, q_len, heads, dim), sum(attended)
+
+
 def sparse_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -94,31 +200,38 @@ def sparse_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function (transformers ``AttentionInterface`` signature) with the sparse pattern.
 
-    query [B, H, Q, D], key/value [B, H_kv, K, D] (grouped-query heads are repeated);
-    returns output [B, Q, H, D] and weights [B, H, Q, K]. Counts attended / visible
-    (query head, key) pairs on ``module.pwff_pairs`` for :func:`attention_pair_counts`.
+    query [B, H, Q, D], key/value [B, H_kv, K, D]; returns output [B, Q, H, D] and weights
+    (None from the kernel). A full forward (Q = K) and one-token decoding (Q = 1) run
+    :func:`block_sparse_attention`; other shapes (chunked prefill) the masked reference. Adds
+    attended / visible (query head, key) pairs to the device tensor ``module.pwff_pairs``.
     """
-    heads = query.shape[1]
-    key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    allowed = _allowed_keys(attention_mask, query.shape[2], key.shape[2], query.device)
-    keep = sparse_pattern(allowed, module.pwff_sparsity)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    # A row with no visible key (left padding) would get uniform weights: zero it instead.
-    probs = probs * keep.any(-1, keepdim=True)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    # The mask may broadcast over batch and heads ([1|B, 1|H, Q, K]): count every (row, head).
-    copies = query.shape[0] * heads // (keep.shape[0] * keep.shape[1])
-    module.pwff_pairs[0] += int(keep.sum()) * copies
-    module.pwff_pairs[1] += int(allowed.sum()) * copies
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    scale = dim**-0.5 if scaling is None else scaling
+    dropout = dropout if module.training else 0.0
+    allowed = None if attention_mask is None else _allowed_keys(attention_mask, q_len, k_len, query.device)
+    if allowed is None:  # causal: query i sees K - Q + i + 1 keys
+        seen = batch * heads * (q_len * (k_len - q_len) + q_len * (q_len + 1) // 2)
+        visible = torch.tensor(seen, device=query.device)
+    else:
+        visible = allowed.sum() * (batch * heads // (allowed.shape[0] * allowed.shape[1]))
+    if q_len in (1, k_len):
+        out, attended = block_sparse_attention(query, key, value, allowed, module.pwff_sparsity, scale, dropout)
+        _add_pairs(module, attended * heads, visible)
+        return out, None
+    full = _allowed_keys(None, q_len, k_len, query.device) if allowed is None else allowed
+    out, probs, keep = masked_attention(query, key, value, full, module.pwff_sparsity, scale, dropout)
+    _add_pairs(module, keep.sum() * (batch * heads // (keep.shape[0] * keep.shape[1])), visible)
     return out, probs
+
+
+def _add_pairs(module: nn.Module, attended: torch.Tensor, visible: torch.Tensor) -> None:
+    """Accumulate on the counters' device without a host read (the module may have moved)."""
+    pairs = module.pwff_pairs.to(attended.device)
+    module.pwff_pairs = pairs + torch.stack([attended, visible.to(attended.device)])
 
 
 AttentionInterface.register(SPARSE_ATTENTION, sparse_attention_forward)
@@ -138,20 +251,23 @@ def enable_sparse_attention(model: nn.Module, block_names: Sequence[str], sparsi
         attn.config = copy.copy(attn.config)
         attn.config._attn_implementation = SPARSE_ATTENTION
         attn.pwff_sparsity = float(sparsity)
-        attn.pwff_pairs = [0, 0]
+        attn.pwff_pairs = torch.zeros(2, dtype=torch.long)
         modules.append(attn)
     return modules
 
 
 def attention_pair_counts(model: nn.Module, reset: bool = True) -> tuple[int, int]:
-    """(attended, visible) (query head, key) pairs summed over all sparse modules since the last reset."""
-    attended = visible = 0
-    for module in model.modules():
-        if hasattr(module, "pwff_pairs"):
-            attended += module.pwff_pairs[0]
-            visible += module.pwff_pairs[1]
-            if reset:
-                module.pwff_pairs = [0, 0]
+    """(attended, visible) (query head, key) pairs summed over all sparse modules since the last reset.
+
+    The one host read of the device counters: call it once per round, not per step.
+    """
+    counters = [m for m in model.modules() if hasattr(m, "pwff_pairs")]
+    if not counters:
+        return 0, 0
+    attended, visible = torch.stack([m.pwff_pairs.cpu() for m in counters]).sum(0).tolist()
+    if reset:
+        for module in counters:
+            module.pwff_pairs = torch.zeros_like(module.pwff_pairs)
     return attended, visible
 
 
