@@ -257,8 +257,13 @@ def test_kernel_matches_masked_reference(sparsity: float, seq_len: int, mask_for
     assert not out[~allowed.any(-1)[:, 0]].any()  # left-padding rows see nothing: 0, as the reference
 
 
+def _module(sparsity: float) -> SimpleNamespace:
+    """What the attention function reads from an attention module patched by enable_sparse_attention."""
+    return SimpleNamespace(training=False, pwff_sparsity=sparsity, pwff_pairs=torch.zeros(2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.4, 0.7])
-def test_kernel_decoding_step_matches_reference(sparsity: float) -> None:
+def test_decoding_step_matches_reference(sparsity: float) -> None:
     # One query at a time against a cache of every length: the row the full reference computes.
     seq_len = 150
     q, k, v = _qkv(seq_len)
@@ -267,19 +272,20 @@ def test_kernel_decoding_step_matches_reference(sparsity: float) -> None:
     ref, _, _ = masked_attention(q, k, v, allowed, sparsity, SCALE)
     for t in [0, 5, 22, 63, 64, 65, 100, 149]:
         step = [q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]]
-        out, _ = block_sparse_attention(*step, allowed[:, :, t:t + 1, :t + 1], sparsity, SCALE)
+        out, _ = sparse_attention_forward(_module(sparsity), *step, allowed[:, :, t:t + 1, :t + 1], scaling=SCALE)
         _assert_matches(out, ref[:, t:t + 1], tokens[:, t:t + 1], [q, k, v])
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.4])
-def test_kernel_counts_attended_pairs(sparsity: float) -> None:
+def test_counters_count_attended_pairs(sparsity: float) -> None:
     seq_len = 150
     q, k, v = _qkv(seq_len)
     allowed = _allowed(_key_mask(seq_len, right=False))
-    _, attended = block_sparse_attention(q, k, v, allowed, sparsity, SCALE)
-    assert int(attended) == int(sparse_pattern(allowed, sparsity).sum())
-    _, attended = block_sparse_attention(q[:, :, -1:], k, v, allowed[:, :, -1:], sparsity, SCALE)
-    assert int(attended) == int(sparse_pattern(allowed[:, :, -1:], sparsity).sum())
+    for rows in (slice(None), slice(-1, None)):  # full forward, then one decoding step
+        module = _module(sparsity)
+        sparse_attention_forward(module, q[:, :, rows], k, v, allowed[:, :, rows])
+        kept = sparse_pattern(allowed[:, :, rows], sparsity)
+        assert module.pwff_pairs.tolist() == [HEADS * int(kept.sum()), HEADS * int(allowed[:, :, rows].sum())]
 
 
 def test_kernel_sends_no_fully_masked_row(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,7 +315,7 @@ def test_kernel_skips_dropped_blocks() -> None:
 
 def test_kernel_reads_no_device_values() -> None:
     # On the meta device nothing can be read to the host: the hot path has no sync to wait on.
-    module = SimpleNamespace(training=False, pwff_sparsity=0.4, pwff_pairs=torch.zeros(2, dtype=torch.long))
+    module = _module(0.4)
     for q_len, k_len in [(150, 150), (1, 150)]:
         q = torch.empty(2, HEADS, q_len, HEAD_DIM, device="meta")
         k = v = torch.empty(2, KV_HEADS, k_len, HEAD_DIM, device="meta")

@@ -6,9 +6,10 @@ Two separate, measured effects on the trainable blocks only (earlier blocks stay
    (the causal, non-padding keys), in the block local + strided pattern of
    :mod:`pwff_app.instruct.sparse_pattern` (Child et al. 2019, "Generating Long Sequences with
    Sparse Transformers"; strided key blocks start at the first token, the "attention sink" of
-   Xiao et al. 2023). The kernel skips the dropped key blocks: each tile of 64 query rows
-   gathers only the 16-key blocks its queries keep and runs ``scaled_dot_product_attention``
-   on them, with the exact pattern, causal and padding mask inside the gathered blocks.
+   Xiao et al. 2023). In a full forward (prefill, training) the kernel skips the dropped key
+   blocks: each tile of 64 query rows gathers only the 16-key blocks its queries keep and runs
+   ``scaled_dot_product_attention`` on them, with the exact pattern, causal and padding mask
+   inside the gathered blocks. A decoding step reads the whole cache with the pattern as mask.
    :func:`attention_flops` counts the attended pairs (what a perfect kernel executes); the
    counters accumulate on the device and are read once, by :func:`attention_pair_counts`.
    Ranks are taken over each query row's visible keys, so a left-padded row, a full forward
@@ -39,7 +40,6 @@ from pwff_app.config import MASK_RULES
 from pwff_app.instruct.policy import attention_module, is_attention_param
 from pwff_app.instruct.sparse_pattern import (
     QUERY_BLOCK,
-    decode_counts,
     keep_count,
     prefill_groups,
     sparse_pattern,
@@ -89,34 +89,41 @@ def masked_attention(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs, keep
 
 
+def _sdpa_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SDPA mask, rows that keep nothing) from kept pairs bool [..., S].
+
+    No fully masked row reaches SDPA (fused GPU kernels may return NaN gradients for one): such
+    a row attends slot 0 instead, and the caller drops its output (it stays 0, as in the reference).
+    """
+    empty = ~keep.any(-1)
+    return torch.cat([keep[..., :1] | empty[..., None], keep[..., 1:]], -1), empty
+
+
 def _tile_index(
     allowed: torch.Tensor | None, first: torch.Tensor, rows: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor],
-    sizes: tuple[int, int], sparsity: float,
+    seq_len: int, sparsity: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where one kernel call reads and writes, and what it attends.
 
-    first [B]: position of key rank 0 (the left padding); rows [B|1, t, R]: each tile row's
-    query rank; slots: key ranks and real flags [B|1, t, S] (:func:`tile_slots`); sizes (Q, K).
-    Returns flat query rows b Q + i [B, t, R], flat key rows b K + j [B, t, S], the SDPA mask
-    bool [B, t, R, S], each row's output row [B, t, R] (B Q, a spare row, for rows whose output
-    is 0 or no query's) and the attended (row, key) pairs as a device scalar.
+    first [B]: position of key rank 0 (the left padding); rows [1, t, R]: each tile row's query
+    rank; slots: key ranks and real flags [1, t, S] (:func:`tile_slots`); seq_len: T.
+    Returns flat query rows b T + i [B, t, R], flat key rows b T + j [B, t, S], the SDPA mask
+    bool [B, t, R, S], each row's output row [B, t, R] (B T, a spare row, for rows whose output
+    is 0 or that are no query) and the attended (row, key) pairs as a device scalar.
     """
-    (q_len, k_len), (ranks, real) = sizes, slots
+    ranks, real = slots
     b = torch.arange(first.shape[0], device=first.device)[:, None, None]
-    query_at = rows + first[:, None, None] - (k_len - q_len)  # query index of each row
-    row_ok = (query_at >= 0) & (query_at < q_len)
-    query_at = query_at.clamp(0, q_len - 1)
-    key_at = (ranks + first[:, None, None]).clamp(0, k_len - 1)
+    query_at = rows + first[:, None, None]
+    row_ok = query_at < seq_len
+    query_at = query_at.clamp(max=seq_len - 1)
+    key_at = (ranks + first[:, None, None]).clamp(max=seq_len - 1)
     keep = tile_keep(rows + 1, ranks, real, sparsity) & row_ok[..., None]
     if allowed is not None:  # the model's own mask stays exact, whatever layout it has
         per_row = allowed[:, 0]
         keep &= per_row[b[..., None] if per_row.shape[0] > 1 else 0, query_at[..., None], key_at[..., None, :]]
-    # No fully masked row reaches SDPA (fused GPU kernels may return NaN gradients for one): a row
-    # that keeps nothing attends slot 0 instead, and its output is dropped (it stays 0).
-    empty = ~keep.any(-1)
-    mask = torch.cat([keep[..., :1] | empty[..., None], keep[..., 1:]], -1)
-    target = torch.where(row_ok & ~empty, query_at + b * q_len, first.shape[0] * q_len)
-    return query_at + b * q_len, key_at + b * k_len, mask, target, keep.sum()
+    mask, empty = _sdpa_mask(keep)
+    target = torch.where(row_ok & ~empty, query_at + b * seq_len, first.shape[0] * seq_len)
+    return query_at + b * seq_len, key_at + b * seq_len, mask, target, keep.sum()
 
 
 def _tile_attention(
@@ -134,31 +141,16 @@ def _tile_attention(
     return out.view(n, kv_heads, group, rows, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
 
 
-def _tiles(
-    first: torch.Tensor, q_len: int, k_len: int, sparsity: float
-) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
-    """(rows, slots) per kernel call: the query-block groups of a full forward, or one decoding query.
-
-    Shapes come from (Q, K, s) on the host; the ranks that depend on padding stay on the device.
-    """
+def _tiles(first: torch.Tensor, seq_len: int, sparsity: float) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """(rows, slots) per kernel call: groups of query blocks; shapes from (T, s) on the host."""
     device = first.device
-    if q_len == 1:  # decoding: the one query of rank K - 1 - first, slots bounded for any padding
-        n = (k_len - first)[:, None]
-        return [((n - 1)[..., None], tile_slots(n, n, sparsity, *decode_counts(k_len, sparsity)))]
     calls = []
-    for block, count, strided, window in prefill_groups(k_len, sparsity):
+    for block, count, strided, window in prefill_groups(seq_len, sparsity):
         n_first = torch.arange(block, block + count, device=device) * QUERY_BLOCK + 1
         rows = (n_first - 1)[:, None] + torch.arange(QUERY_BLOCK, device=device)
-        ranks, real = tile_slots(n_first, (n_first + QUERY_BLOCK - 1).clamp(max=k_len), sparsity, strided, window)
+        ranks, real = tile_slots(n_first, (n_first + QUERY_BLOCK - 1).clamp(max=seq_len), sparsity, strided, window)
         calls.append((rows[None], (ranks[None], real[None])))
     return calls
-
-
-def _first_key(allowed: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """Per row [B], the position of the first key the last query sees: the left padding (0 if no mask)."""
-    if allowed is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return allowed[:, 0, -1].int().argmax(-1).expand(batch)  # argmax: the first maximum
 
 
 def _gather(x: torch.Tensor, index: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -171,24 +163,42 @@ def block_sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, sparsity: float,
     scale: float, dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel for a full forward (Q = K) or one decoding query (Q = 1) over K keys.
+    """The kernel for a full forward (prefill, training) over T tokens; only kept key blocks are computed.
 
-    query [B, H, Q, D], key/value [B, H_kv, K, D], allowed: bool [B|1, 1, Q, K] or None (causal).
-    Returns output [B, Q, H, D] (0 for rows that see no key) and the attended (query row, key)
-    pairs per head as a device scalar. Only the gathered key blocks are computed.
+    query [B, H, T, D], key/value [B, H_kv, T, D], allowed: bool [B|1, 1, T, T] or None (causal).
+    Returns output [B, T, H, D] (0 for rows that see no key) and the attended (query row, key)
+    pairs per head as a device scalar.
     """
-    batch, heads, q_len, dim = query.shape
-    k_len = key.shape[2]
-    first = _first_key(allowed, batch, query.device)
-    calls = [_tile_index(allowed, first, rows, slots, (q_len, k_len), sparsity)
-             for rows, slots in _tiles(first, q_len, k_len, sparsity)]
+    batch, heads, seq_len, dim = query.shape
+    if allowed is None:
+        first = torch.zeros(batch, dtype=torch.long, device=query.device)
+    else:  # the first key the last query sees: the left padding (argmax: the first maximum)
+        first = allowed[:, 0, -1].int().argmax(-1).expand(batch)
+    calls = [_tile_index(allowed, first, rows, slots, seq_len, sparsity) for rows, slots in _tiles(first, seq_len, sparsity)]
     query_at, key_at, masks, targets, attended = zip(*calls, strict=True)
     outs = [_tile_attention(q, k, v, mask, scale, dropout) for q, k, v, mask in zip(
         _gather(query, query_at), _gather(key, key_at), _gather(value, key_at), masks, strict=True)]
     # One scatter into a zero output with a spare row for tile rows that are no query.
-    out = query.new_zeros(batch * q_len + 1, heads, dim).index_add(
+    out = query.new_zeros(batch * seq_len + 1, heads, dim).index_add(
         0, torch.cat([t.flatten() for t in targets]), torch.cat(outs))
-    return out[:-1].view(batch, q_len, heads, dim), sum(attended)
+    return out[:-1].view(batch, seq_len, heads, dim), sum(attended)
+
+
+def masked_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, sparsity: float,
+    scale: float, dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key read once, the pattern as SDPA's mask: for decoding (Q = 1) and Q < K with a cache.
+
+    A decoding step is bound by reading the cache, and gathering the kept keys would cost as much
+    as reading them all, so no key is skipped here. Same arguments and returns as
+    :func:`block_sparse_attention`, with ``allowed`` bool [B|1, 1, Q, K] (not None).
+    """
+    keep = sparse_pattern(allowed, sparsity)
+    mask, empty = _sdpa_mask(keep)
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                       enable_gqa=True)
+    return (out * ~empty[..., None]).transpose(1, 2), keep.sum() * (query.shape[0] // keep.shape[0])
 
 
 def sparse_attention_forward(
@@ -200,13 +210,13 @@ def sparse_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, None]:
     """Attention function (transformers ``AttentionInterface`` signature) with the sparse pattern.
 
-    query [B, H, Q, D], key/value [B, H_kv, K, D]; returns output [B, Q, H, D] and weights
-    (None from the kernel). A full forward (Q = K) and one-token decoding (Q = 1) run
-    :func:`block_sparse_attention`; other shapes (chunked prefill) the masked reference. Adds
-    attended / visible (query head, key) pairs to the device tensor ``module.pwff_pairs``.
+    query [B, H, Q, D], key/value [B, H_kv, K, D]; returns output [B, Q, H, D] and no weights.
+    A full forward (Q = K) runs :func:`block_sparse_attention`, a step with a KV cache (Q < K)
+    :func:`masked_sdpa`. Adds attended / visible (query head, key) pairs to the device tensor
+    ``module.pwff_pairs``; nothing is read back to the host.
     """
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
@@ -218,14 +228,13 @@ def sparse_attention_forward(
         visible = torch.tensor(seen, device=query.device)
     else:
         visible = allowed.sum() * (batch * heads // (allowed.shape[0] * allowed.shape[1]))
-    if q_len in (1, k_len):
+    if q_len == k_len:
         out, attended = block_sparse_attention(query, key, value, allowed, module.pwff_sparsity, scale, dropout)
-        _add_pairs(module, attended * heads, visible)
-        return out, None
-    full = _allowed_keys(None, q_len, k_len, query.device) if allowed is None else allowed
-    out, probs, keep = masked_attention(query, key, value, full, module.pwff_sparsity, scale, dropout)
-    _add_pairs(module, keep.sum() * (batch * heads // (keep.shape[0] * keep.shape[1])), visible)
-    return out, probs
+    else:
+        full = _allowed_keys(None, q_len, k_len, query.device) if allowed is None else allowed
+        out, attended = masked_sdpa(query, key, value, full, module.pwff_sparsity, scale, dropout)
+    _add_pairs(module, attended * heads, visible)
+    return out, None
 
 
 def _add_pairs(module: nn.Module, attended: torch.Tensor, visible: torch.Tensor) -> None:

@@ -150,11 +150,3 @@ def prefill_groups(seq_len: int, sparsity: float, waste: float = 0.125) -> tuple
                 continue
         groups.append((q, 1, c, u))
     return tuple(groups)
-
-
-@functools.lru_cache(maxsize=256)
-def decode_counts(seq_len: int, sparsity: float) -> tuple[int, int]:
-    """(strided, window) slot bounds for one query that sees at most ``seq_len`` keys."""
-    n = torch.arange(1, seq_len + 1)
-    strided, window = slot_counts(n, n, sparsity)
-    return int(strided.max()), int(window.max())
