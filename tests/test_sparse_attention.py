@@ -38,7 +38,7 @@ from pwff_app.instruct.sparse_attention import (
     unpack_sparse,
     upload_bytes,
 )
-from pwff_app.instruct.sparse_pattern import KEY_BLOCK, QUERY_BLOCK, prefill_groups
+from pwff_app.instruct.sparse_pattern import KEY_BLOCK, QUERY_BLOCK, prefill_groups, slot_counts, tile_slots
 
 MODELS = [tiny_llama, tiny_gpt2]
 
@@ -65,6 +65,32 @@ def test_pattern_keeps_fraction_of_causal_keys_per_query(sparsity: float) -> Non
     assert keep.diagonal().all()  # the local window holds the query itself
     if sparsity < 0.5:  # the strided part starts at the first token once there is one
         assert keep[2:, 0].all()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.4, 0.7, 0.95])
+def test_block_pattern_over_many_query_blocks(sparsity: float) -> None:
+    # Exact budget per query, the window holds at least half of it, strided keys are whole key
+    # blocks shared by a query block, and each kernel tile's real slots are distinct and cover it.
+    n = 700
+    keep = sparse_pattern(torch.ones(n, n, dtype=torch.bool).tril(), sparsity)
+    visible = torch.arange(1, n + 1)
+    budget = keep_count(visible, sparsity).clamp(min=1)
+    assert torch.equal(keep.sum(-1), budget) and keep.diagonal().all()
+    back = torch.arange(n)[:, None] - torch.arange(n)  # key i - d for query i: walk back from the query
+    window = (keep.gather(1, back.clamp(min=0)) & (back >= 0)).long().cumprod(-1).sum(-1)  # unbroken run
+    assert (window >= (budget + 1) // 2).all()
+    for block in range(0, n, QUERY_BLOCK):
+        rows = keep[block:block + QUERY_BLOCK]
+        old = rows[:, : (block + 1 - window[block]) // KEY_BLOCK * KEY_BLOCK].clone()  # older than every window
+        old[:, :1] &= old[:, 1:2]  # the sink key alone (the budget is under two blocks) is no block
+        blocks = old.reshape(len(rows), -1, KEY_BLOCK)
+        assert (blocks.all(-1) | ~blocks.any(-1)).all() and (blocks == blocks[:1]).all()
+        first = torch.tensor(block + 1)
+        last = torch.tensor(min(block + QUERY_BLOCK, n))
+        ranks, real = tile_slots(first, last, sparsity, *(int(c) for c in slot_counts(first, last, sparsity)))
+        gathered = ranks[real]
+        assert len(set(gathered.tolist())) == len(gathered)
+        assert set(rows.any(0).nonzero().flatten().tolist()) <= set(gathered.tolist())
 
 
 def test_pattern_respects_left_padding() -> None:
