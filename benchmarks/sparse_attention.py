@@ -84,15 +84,21 @@ def _block_steps(batch: int, seq_len: int, sparsity: float, padding: float,
     return steps
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for an accelerator's queued work, so that the clock measures it."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def _medians(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds per step over ``repeats`` interleaved rounds, after one warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(repeats + 1):
         for name, step in steps.items():
-            torch.accelerator.synchronize(device) if device.type != "cpu" else None
+            _sync(device)
             start = time.perf_counter()
             step()
-            torch.accelerator.synchronize(device) if device.type != "cpu" else None
+            _sync(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -89,14 +89,15 @@ def masked_attention(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs, keep
 
 
-def _sdpa_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(SDPA mask, rows that keep nothing) from kept pairs bool [..., S].
+def _let_empty_rows_see_slot0(keep: torch.Tensor) -> torch.Tensor:
+    """Rows of kept pairs bool [..., S] that keep nothing; they get slot 0, in place.
 
-    No fully masked row reaches SDPA (fused GPU kernels may return NaN gradients for one): such
-    a row attends slot 0 instead, and the caller drops its output (it stays 0, as in the reference).
+    No fully masked row reaches SDPA (fused GPU kernels may return NaN gradients for one): the
+    caller drops such a row's output, so it stays 0, as in the reference.
     """
     empty = ~keep.any(-1)
-    return torch.cat([keep[..., :1] | empty[..., None], keep[..., 1:]], -1), empty
+    keep[..., 0] |= empty
+    return empty
 
 
 def _tile_index(
@@ -121,9 +122,10 @@ def _tile_index(
     if allowed is not None:  # the model's own mask stays exact, whatever layout it has
         per_row = allowed[:, 0]
         keep &= per_row[b[..., None] if per_row.shape[0] > 1 else 0, query_at[..., None], key_at[..., None, :]]
-    mask, empty = _sdpa_mask(keep)
+    attended = keep.sum()
+    empty = _let_empty_rows_see_slot0(keep)
     target = torch.where(row_ok & ~empty, query_at + b * seq_len, first.shape[0] * seq_len)
-    return query_at + b * seq_len, key_at + b * seq_len, mask, target, keep.sum()
+    return query_at + b * seq_len, key_at + b * seq_len, keep, target, attended
 
 
 def _tile_attention(
@@ -195,10 +197,11 @@ def masked_sdpa(
     :func:`block_sparse_attention`, with ``allowed`` bool [B|1, 1, Q, K] (not None).
     """
     keep = sparse_pattern(allowed, sparsity)
-    mask, empty = _sdpa_mask(keep)
-    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
+    attended = keep.sum() * (query.shape[0] // keep.shape[0])
+    empty = _let_empty_rows_see_slot0(keep)
+    out = scaled_dot_product_attention(query, key, value, attn_mask=keep, dropout_p=dropout, scale=scale,
                                        enable_gqa=True)
-    return (out * ~empty[..., None]).transpose(1, 2), keep.sum() * (query.shape[0] // keep.shape[0])
+    return (out * ~empty[..., None]).transpose(1, 2), attended
 
 
 def sparse_attention_forward(

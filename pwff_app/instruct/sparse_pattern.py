@@ -130,13 +130,14 @@ def slot_counts(n_first: torch.Tensor, n_last: torch.Tensor, sparsity: float) ->
 
 
 @functools.lru_cache(maxsize=256)
-def prefill_groups(seq_len: int, sparsity: float, waste: float = 0.125) -> tuple[tuple[int, int, int, int], ...]:
+def prefill_groups(seq_len: int, sparsity: float, waste: float = 0.05) -> tuple[tuple[int, int, int, int], ...]:
     """Query blocks of a full forward over ``seq_len`` ranks, grouped for batched kernel calls.
 
-    Returns (first block, block count, strided slots, window slots) per group: consecutive
-    blocks share one call padded to the group's largest slot counts, as long as the padding
-    stays under ``waste`` of the group's real slots (fewer calls vs. computed padding).
-    Computed on the host from shapes only.
+    Returns (first query block, block count, strided key blocks, window key blocks) per group:
+    consecutive query blocks share one call padded to the group's largest slot counts, as long
+    as the padding stays under ``waste`` of the group's real slots. Fewer calls save launches
+    (GPU); padding is computed for nothing (CPU time at T = 2048: flat for 0 to 0.05, +5 % at
+    0.125). Computed on the host from shapes only.
     """
     first = torch.arange(0, seq_len, QUERY_BLOCK) + 1
     strided, window = slot_counts(first, (first + QUERY_BLOCK - 1).clamp(max=seq_len), sparsity)
