@@ -21,7 +21,7 @@ LOSS_MODELS: tuple[str, ...] = get_args(LossModel)
 DOWNLINK_MISS: tuple[str, ...] = get_args(DownlinkMiss)
 TRAIN_MODES: tuple[str, ...] = get_args(FedbertTrain)
 # The top-level keys that form the ``aggregation`` section of the tree.
-AGGREGATION_KEYS = ("aggregator", "trim-fraction", "max-update-norm", "min-survivors")
+AGGREGATION_KEYS = ("aggregator", "trim-fraction", "max-update-norm", "max-num-examples", "min-survivors")
 
 
 class ConfigError(ValueError):

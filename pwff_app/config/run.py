@@ -136,7 +136,9 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
     if cfg.dp.enabled and not spec.dp:
         problems.append(f"'dp.noise-multiplier' > 0 is not supported for '{cfg.method}': set it to 0, or use one "
                         f"of {sorted(m for m, s in METHODS.items() if s.dp)}")
-    if spec.protocol == "local" and agg != AggregationConfig(min_survivors=agg.min_survivors):
+    # The reply checks (min-survivors, max-num-examples) apply to local too; the rest is aggregation.
+    if spec.protocol == "local" and agg != AggregationConfig(min_survivors=agg.min_survivors,
+                                                             max_num_examples=agg.max_num_examples):
         problems.append(f"'{cfg.method}' aggregates nothing: leave 'aggregator', 'trim-fraction' and "
                         f"'max-update-norm' at their defaults")
     if agg.aggregator == "trimmed-mean" and agg.trimmed_per_side(cfg.num_clients) == 0:

@@ -45,6 +45,7 @@ class AggregationConfig(Section):
     aggregator: Aggregator = "fedavg"
     trim_fraction: Annotated[float, Strict(), Field(ge=0, lt=0.5)] = 0.2  # trimmed-mean: share cut at each end
     max_update_norm: NonNegative = 0.0  # L2 bound on (reply - global); 0 = off
+    max_num_examples: NonNegativeInt = 0  # bound on a reply's num-examples; 0 = from the config (checks.py)
     min_survivors: PositiveInt = 1  # fewer valid replies: the global stays
 
     @classmethod
