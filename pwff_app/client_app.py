@@ -10,6 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pwff_app.federation.privacy import dp_clipping_mod
+from pwff_app.federation.roster import answer_query
 from pwff_app.methods import METHODS
 from pwff_app.protocols import protocol_of
 from pwff_app.wireless.link import uplink_mod
@@ -29,3 +30,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
     return _handler(context, "evaluate")(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which client this node runs: the server asks every node once, before round 1."""
+    return answer_query(msg, context)

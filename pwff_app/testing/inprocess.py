@@ -7,9 +7,9 @@ Fast enough for multi-round tests of resume, hostile replies and lossy links. Th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
@@ -17,20 +17,27 @@ from pwff_app import client_app, server_app
 
 
 class InProcessGrid(Grid):
-    """Delivers each message to a ClientApp in this process; one Context per node persists.
+    """Delivers each message (train, evaluate, query) to a ClientApp in this process; one
+    Context per node persists.
 
-    ``tamper(client_id, reply) -> reply`` lets a test play a hostile client (train replies).
+    ``tamper(client_id, reply) -> reply`` lets a test play a hostile client: it sees every
+    reply without an error to a message of the types in ``tamper_types`` (train replies by
+    default). ``node_ids[i]`` is the node id of the node that runs client ``i`` (default
+    ``1000 + i``); real node ids are random, so a test can shuffle them.
     """
 
     def __init__(self, run_config: dict, num_nodes: int, app: ClientApp = client_app.app,
                  tamper: Callable[[int, Message], Message] | None = None,
-                 node_config: Callable[[int], dict] | None = None) -> None:
-        self.app, self.tamper = app, tamper
+                 node_config: Callable[[int], dict] | None = None,
+                 tamper_types: tuple[str, ...] = (MessageType.TRAIN,),
+                 node_ids: Sequence[int] | None = None) -> None:
+        self.app, self.tamper, self.tamper_types = app, tamper, tamper_types
+        ids = list(node_ids) if node_ids is not None else [1000 + i for i in range(num_nodes)]
         self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i,
-                              node_config={"partition-id": i, "num-partitions": num_nodes,
-                                           **(node_config(i) if node_config else {})},
-                              state=RecordDict(), run_config=dict(run_config))
+            ids[i]: Context(run_id=1, node_id=ids[i],
+                            node_config={"partition-id": i, "num-partitions": num_nodes,
+                                         **(node_config(i) if node_config else {})},
+                            state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }
 
@@ -64,7 +71,8 @@ class InProcessGrid(Grid):
                 reply = self.app(delivered, self.contexts[node])
             except Exception as err:  # the runtime turns a ClientApp exception into an error reply
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
-            if self.tamper is not None and not reply.has_error() and "arrays" in reply.content:
+            tampered = self.tamper is not None and delivered.metadata.message_type in self.tamper_types
+            if tampered and not reply.has_error():
                 reply = self.tamper(self.contexts[node].node_config["partition-id"], reply)
             replies.append(reply)
         return replies

@@ -1,0 +1,89 @@
+"""The node <-> client mapping (the roster), fixed before round 1 by one QUERY to every node.
+
+Flower's node ids are random and say nothing about which client (``partition-id``) a node
+runs. Before round 1 the server asks every node (:func:`query_roster`); each answers its
+client id (:func:`answer_query`, the ClientApp's ``@app.query()``). From then on the server
+knows every node's client from the first downlink on: the link keys its fading draws by it
+(same seed, same channel, also in round 1 and after a resume), the strategies record by it,
+and a reply whose ``client-id`` is not its node's is rejected as spoofed.
+
+Query messages are a control exchange: they bypass the simulated link, like evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from pwff_app.federation.checks import INFO as INFO_KEY
+from pwff_app.federation.checks import AllClientsFailed, query_problem, stop_if_all_failed
+from pwff_app.federation.results import RunRecorder
+
+Roster = dict[int, int]
+"""Node id -> client id (``partition-id``) of every node that answered the start-up query."""
+
+QUERY_TIMEOUT_S = 3600.0  # as Flower strategies' default round timeout
+
+
+def answer_query(msg: Message, context: Context) -> Message:
+    """Client side: the client this node runs (``node_config["partition-id"]``)."""
+    client_id = int(context.node_config["partition-id"])
+    return Message(RecordDict({INFO_KEY: ConfigRecord({"client-id": client_id})}), reply_to=msg)
+
+
+def wait_for_nodes(grid: Grid, num_clients: int, poll_s: float = 1.0) -> list[int]:
+    """Node ids once at least ``num_clients`` are connected (as Flower strategies wait)."""
+    logged = 0.0
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= num_clients:
+            return nodes
+        if time.monotonic() - logged > 30:
+            log(INFO, "waiting for %d nodes (%d connected)", num_clients, len(nodes))
+            logged = time.monotonic()
+        time.sleep(poll_s)
+
+
+def query_roster(grid: Grid, num_clients: int, recorder: RunRecorder | None = None,
+                 timeout: float = QUERY_TIMEOUT_S) -> Roster:
+    """Ask every connected node which client it runs; the validated answers.
+
+    An answer must be an integer client id in [0, ``num_clients``), claimed by no other node.
+    A node whose answer is not (an error, a bad id, an id two nodes claim) is left out: its
+    replies are rejected all run long. Each is logged and, with a ``recorder``, counted in
+    round 1's ``events``. Raises :class:`~pwff_app.federation.checks.AllClientsFailed` when
+    every node failed alike, and when no node is left.
+    """
+    nodes = wait_for_nodes(grid, num_clients)
+    queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.QUERY)
+               for node in nodes]
+    outcomes: dict[int, str | None] = {}
+    claims: dict[int, list[int]] = {}  # client id -> nodes that claim it
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        node = reply.metadata.src_node_id
+        problem = (f"error {reply.error.code}: {reply.error.reason}" if reply.has_error()
+                   else query_problem(reply.content, num_clients))
+        outcomes[node] = problem
+        if problem is None:
+            claims.setdefault(int(reply.content[INFO_KEY]["client-id"]), []).append(node)
+    for client_id, claimants in claims.items():
+        if len(claimants) > 1:
+            for node in claimants:
+                outcomes[node] = f"client id {client_id} claimed by {len(claimants)} nodes"
+    for node in nodes:
+        outcomes.setdefault(node, f"no answer within {timeout:.0f} s")
+    stop_if_all_failed(outcomes, num_clients, "the start-up query")
+    roster = {node: cid for cid, claimants in claims.items() for node in claimants if outcomes[node] is None}
+    for node, problem in sorted(outcomes.items()):
+        if problem is not None:
+            log(WARNING, "start-up query: node %d left out: %s", node, problem)
+            if recorder is not None:
+                recorder.event("query-rejected", node=node, reason=problem)
+    if not roster:
+        raise AllClientsFailed("start-up query: no node answered with a usable client id")
+    log(INFO, "roster: %s", {cid: node for node, cid in sorted(roster.items(), key=lambda kv: kv[1])})
+    return roster
