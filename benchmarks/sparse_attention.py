@@ -80,7 +80,7 @@ def _block_steps(batch: int, seq_len: int, sparsity: float, padding: float,
         model = LlamaModel(config).to(device).train()
         if name == "sparse":
             enable_sparse_attention(model, ["layers.0", "layers.1"], sparsity)
-        steps[name] = lambda model=model: model(inputs_embeds=x, attention_mask=tokens).last_hidden_state.sum().backward()
+        steps[name] = lambda m=model: m(inputs_embeds=x, attention_mask=tokens).last_hidden_state.sum().backward()
     return steps
 
 

@@ -373,9 +373,13 @@ def test_model_with_kernel_matches_reference_model(make) -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _reference_attention(module: SimpleNamespace, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked dense reference as a transformers attention function (same pattern, every pair computed)."""
     allowed = _allowed_keys(attention_mask, query.shape[2], key.shape[2], query.device)
-    out, probs, _ = masked_attention(query, key, value, allowed, module.pwff_sparsity, scaling or query.shape[-1] ** -0.5)
+    scale = scaling or query.shape[-1] ** -0.5
+    out, probs, _ = masked_attention(query, key, value, allowed, module.pwff_sparsity, scale)
     return out, probs
 
 

@@ -47,8 +47,6 @@ from pwff_app.instruct.sparse_pattern import (
     tile_slots,
 )
 
-__all__ = ["keep_count", "sparse_pattern"]  # re-exported: the pattern's public names
-
 SPARSE_ATTENTION = "pwff_sparse"
 
 
@@ -143,7 +141,9 @@ def _tile_attention(
     return out.view(n, kv_heads, group, rows, dim).permute(0, 3, 1, 2, 4).reshape(-1, heads, dim)
 
 
-def _tiles(first: torch.Tensor, seq_len: int, sparsity: float) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+def _tiles(
+    first: torch.Tensor, seq_len: int, sparsity: float
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
     """(rows, slots) per kernel call: groups of query blocks; shapes from (T, s) on the host."""
     device = first.device
     calls = []
@@ -176,7 +176,8 @@ def block_sparse_attention(
         first = torch.zeros(batch, dtype=torch.long, device=query.device)
     else:  # the first key the last query sees: the left padding (argmax: the first maximum)
         first = allowed[:, 0, -1].int().argmax(-1).expand(batch)
-    calls = [_tile_index(allowed, first, rows, slots, seq_len, sparsity) for rows, slots in _tiles(first, seq_len, sparsity)]
+    calls = [_tile_index(allowed, first, rows, slots, seq_len, sparsity)
+             for rows, slots in _tiles(first, seq_len, sparsity)]
     query_at, key_at, masks, targets, attended = zip(*calls, strict=True)
     outs = [_tile_attention(q, k, v, mask, scale, dropout) for q, k, v, mask in zip(
         _gather(query, query_at), _gather(key, key_at), _gather(value, key_at), masks, strict=True)]

@@ -62,7 +62,9 @@ def _strided_block(j: torch.Tensor, c: torch.Tensor, blocks: torch.Tensor) -> to
     return (j >= 0) & (j < blocks) & (_ceil_div((j + 1) * c, j1) > _ceil_div(j * c, j1))
 
 
-def _kept(rank: torch.Tensor, n: torch.Tensor, w: torch.Tensor, sink: torch.Tensor, strided: torch.Tensor) -> torch.Tensor:
+def _kept(
+    rank: torch.Tensor, n: torch.Tensor, w: torch.Tensor, sink: torch.Tensor, strided: torch.Tensor
+) -> torch.Tensor:
     """The local window [n - w, n), the strided keys, the sink key (all broadcast, bool)."""
     return ((rank >= n - w) & (rank < n)) | strided | ((sink > 0) & (rank == 0))
 
