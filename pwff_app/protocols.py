@@ -21,8 +21,9 @@ class Protocol:
 
     Attributes:
         train, evaluate: client handlers ``(msg, context) -> reply``.
-        server: the server loop ``(grid, cfg, recorder, resumed) -> summary block``; ``resumed``
-            holds the checkpointed global arrays when resuming, else None.
+        server: the server loop ``(grid, cfg, recorder, resumed, roster) -> summary block``;
+            ``resumed`` holds the checkpointed global arrays when resuming, else None;
+            ``roster`` maps node id -> client id (:mod:`pwff_app.federation.roster`).
         score_key: what ``rounds.jsonl`` and ``summary.json`` report per client.
         preflight: ``(cfg) -> list of what was checked``; raises a one-line
             :class:`~pwff_app.sources.SourceNotFoundError` when a data set or model of the

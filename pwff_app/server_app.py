@@ -1,4 +1,4 @@
-"""The ServerApp: validate the config, prepare results and the link, run the method's server loop."""
+"""The ServerApp: validate the config, prepare results, the roster and the link, run the method's server loop."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from pwff_app.config import RunConfig
 from pwff_app.federation.checkpoint import checkpoint_meta, resume_point
 from pwff_app.federation.results import RunRecorder, default_run_name
+from pwff_app.federation.roster import query_roster
 from pwff_app.provenance import code_version, run_key
 from pwff_app.protocols import protocol_of
 from pwff_app.wireless.link import WirelessGrid
@@ -25,11 +26,12 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         print(f"[pwff] resuming {out_dir} after round {done}", flush=True)
     recorder = RunRecorder(out_dir, cfg.method, score_key=protocol.score_key, keep_rounds=done)
+    roster = query_roster(grid, cfg.num_clients, recorder)  # node -> client, fixed before round 1
     if cfg.wireless.enabled:
         # The downlink wraps the Grid; the uplink is the ClientApp's mod.
-        grid = WirelessGrid(grid, cfg.wireless)
+        grid = WirelessGrid(grid, cfg.wireless, roster)
         recorder.extra["wireless"] = grid.round_stats
-    summary = protocol.run_server(grid, cfg, recorder, resumed)
+    summary = protocol.run_server(grid, cfg, recorder, resumed, roster)
     wireless = grid.summary_block() if cfg.wireless.enabled else {"enabled": False}
     path = recorder.finish({**summary, "wireless": wireless, "config": dict(cfg.raw),
                             "run_key": run_key(cfg), "code": code_version()})  # what produced these results

@@ -19,6 +19,7 @@ from pwff_app.instruct.policy import is_attention_param
 from pwff_app.testing.tiny import tiny_llama, tiny_tokenizer
 from pwff_app.federation.results import RunRecorder
 from pwff_app.instruct.sparse_attention import keep_count
+from pwff_app.federation.roster import answer_query, query_roster
 from pwff_app.federation.state import PrivateStore
 from pwff_app.testing.inprocess import InProcessGrid
 
@@ -75,6 +76,7 @@ def _rc(tmp_path: Path, method: str, run_name: str, **instruct) -> dict:
 
 def _client_app(mods=()) -> ClientApp:
     app = ClientApp(mods=list(mods))
+    app.query()(answer_query)  # the start-up query that fixes the roster
 
     @app.train()
     def train(msg, context):
@@ -92,7 +94,7 @@ def _run(rc: dict, app: ClientApp | None = None) -> tuple[dict, list[dict], InPr
     out = cfg.results_dir / cfg.run_name
     recorder = RunRecorder(out, cfg.method, score_key="reward")
     grid = InProcessGrid(rc, cfg.num_clients, app=app or _client_app())
-    recorder.finish(server.run_pfit(grid, cfg, recorder))
+    recorder.finish(server.run_pfit(grid, cfg, recorder, None, query_roster(grid, cfg.num_clients, recorder)))
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return summary, rounds, grid
@@ -202,7 +204,7 @@ def test_sparse_reply_with_wrong_count_is_rejected(tiny_pfit) -> None:
     cfg = RunConfig.from_run_config(rc)
     recorder = RunRecorder(cfg.results_dir / cfg.run_name, cfg.method, score_key="reward")
     grid = InProcessGrid(rc, 2, app=_client_app(), tamper=tamper)
-    server.run_pfit(grid, cfg, recorder)
+    server.run_pfit(grid, cfg, recorder, None, query_roster(grid, 2, recorder))
     events = recorder.rounds[1]["events"]
     assert [e["kind"] for e in events] == ["rejected"] and "q_proj" in events[0]["reason"]
     assert set(recorder.rounds[1]["clients"]["1"]) >= {"combined"}  # evaluated nonetheless
@@ -230,9 +232,11 @@ def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
     cfg = RunConfig.from_run_config(rc)
     recorder = RunRecorder(cfg.results_dir / cfg.run_name, cfg.method, score_key="reward")
     app = _client_app(mods=[uplink_mod])  # the link mod of pwff_app.client_app around the handlers
-    grid = WirelessGrid(InProcessGrid(rc, 2, app=app), ChannelConfig.from_run_config(rc))
+    inner = InProcessGrid(rc, 2, app=app)
+    roster = query_roster(inner, 2, recorder)
+    grid = WirelessGrid(inner, ChannelConfig.from_run_config(rc), roster)
     recorder.extra["wireless"] = grid.round_stats
-    summary = server.run_pfit(grid, cfg, recorder)
+    summary = server.run_pfit(grid, cfg, recorder, None, roster)
     assert [r["round"] for r in recorder.rounds] == [0, 1, 2]
     for r in recorder.rounds[1:]:
         assert "uplink_bytes" in r["clients"]["0"] and "wireless" in r
@@ -271,6 +275,7 @@ def test_round_starts_from_own_local_model_or_the_global(tiny_pfit, monkeypatch,
 
     monkeypatch.setattr(client, "load_trainable_state", spy)
     app = ClientApp()
+    app.query()(answer_query)
 
     @app.train()
     def train(msg, context):

@@ -310,7 +310,7 @@ def test_run_split_learning_two_clients(fedbert_methods, tiny_data_dir, tmp_path
     grid = _LocalGrid(rc, 2, drop=lambda cid, msg: cid == 1 and msg.metadata.message_type == MessageType.TRAIN
                       and msg.content["config"]["server-round"] == 1 and msg.content["config"]["step"] == 1)
     recorder = RunRecorder(tmp_path / "out", "fedbert")
-    run_split_learning(grid, cfg, recorder, num_rounds=2)
+    run_split_learning(grid, cfg, recorder, num_rounds=2, roster={10: 0, 11: 1})  # node 10 + i runs client i
 
     rounds = [json.loads(line) for line in (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -412,7 +412,7 @@ def test_split_server_aggregates_with_the_configured_rule(fedbert_methods, tiny_
     rc = fedbert_rc(tiny_data_dir, tmp_path)
     rc.update({"aggregator": "median", "min-survivors": 2})
     cfg = RunConfig.from_run_config(rc)
-    server = split_server.SplitServer(cfg, RunRecorder(tmp_path / "out", "fedbert"))
+    server = split_server.SplitServer(cfg, RunRecorder(tmp_path / "out", "fedbert"), {10 + i: i for i in range(3)})
     start = {k: v.numpy().copy() for k, v in server.global_bottom.items()}
     shifted = [ArrayRecord({k: Array(v + d) for k, v in start.items()}) for d in (1.0, 2.0, 1e3)]
     rounds = [split_server.ClientRound(node_id=10 + i, bottom=b, num_examples=8) for i, b in enumerate(shifted)]

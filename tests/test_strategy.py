@@ -7,6 +7,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from pwff_app.federation.checks import ExampleBounds
 from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.strategy import PartialFedAvg
 from tests.conftest import make_message
@@ -22,12 +23,15 @@ def _reply(client_id: int, arrays: ArrayRecord, n: int, server_round: int = 1) -
     request = make_message(RecordDict({"config": ConfigRecord({"server-round": 1})}), MessageType.TRAIN,
                            dst=10 + client_id)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0}),
-                          "info": ConfigRecord({"client-id": client_id, "server-round": server_round})})
+                          "info": ConfigRecord({"client-id": client_id, "server-round": server_round,
+                                                "compute-s": 0.5, "private-params": 0})})
     return Message(content=content, reply_to=request)
 
 
 def _strategy(tmp_path) -> PartialFedAvg:
-    s = PartialFedAvg(recorder=RunRecorder(tmp_path, "pftt"))
+    # Node 10 + i runs client i (as _reply sends); counts up to 100 examples.
+    s = PartialFedAvg(recorder=RunRecorder(tmp_path, "pftt"), roster={10 + i: i for i in range(10)},
+                      example_bounds=ExampleBounds(train=100, evaluate=100))
     s._global = _arrays(0.0)
     return s
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -212,9 +212,10 @@ def broadcast(
 
 
 def make_grid(partition_of_node: dict[int, int], **wireless_keys: object) -> tuple[FakeGrid, WirelessGrid]:
+    """A FakeGrid wrapped by a WirelessGrid whose roster is ``partition_of_node`` (as the query finds it)."""
     inner = FakeGrid(partition_of_node, **wireless_keys)
     cfg = ChannelConfig.from_run_config(run_config(**wireless_keys))
-    return inner, WirelessGrid(inner, cfg)
+    return inner, WirelessGrid(inner, cfg, partition_of_node)
 
 
 def test_grid_delegates() -> None:
@@ -268,7 +269,8 @@ def test_skip_withholds_the_message_and_answers_with_an_error() -> None:
     assert len(lost) == 1 and lost[0].error.code == DOWNLINK_LOST and lost[0].metadata.src_node_id == 11
     assert lost[0].metadata.message_type == MessageType.TRAIN
     rows = grid.round_stats(1)["clients"]
-    assert rows["node-11"]["lost_down"] and rows["node-11"]["latency_s"] == rows["node-11"]["delay_down_s"]
+    # The roster names node 11's client although it never replied (the row was "node-11" before).
+    assert rows["0"]["lost_down"] and rows["0"]["latency_s"] == rows["0"]["delay_down_s"]
     assert not rows["1"]["lost_down"]
 
 
@@ -293,16 +295,40 @@ def test_uplink_losses_are_logged_from_the_error_reason() -> None:
     assert block["rounds"] == 2 and block["uplink_attempts"] == 4 and block["loss_rate"] == 0.5
 
 
-def test_client_ids_are_learned_from_replies() -> None:
-    # Partition ids run opposite to the sorted node order, so round 1 uses fallbacks.
+def test_client_ids_come_from_the_roster_from_round_1() -> None:
+    # Partition ids run opposite to the sorted node order: the roster, not the order, keys the draws.
     inner, grid = make_grid({11: 1, 22: 0}, snr_db="40")
     grid.send_and_receive(broadcast(1, [11, 22])[1])
     rounds = grid._rounds
-    # Round 1 drew node 11's downlink as client 0 (its sorted index), then learned it is 1.
-    assert rounds[1][11].down.client_id == 0 and rounds[1][11].client_id == 1
+    assert rounds[1][11].down.client_id == 1 and rounds[1][11].client_id == 1
+    assert rounds[1][11].down == transmit(rounds[1][11].down.payload_bits, grid.cfg, 1, 1, "down")
     grid.send_and_receive(broadcast(2, [11, 22])[1])
     assert rounds[2][11].down.client_id == 1 and rounds[2][22].down.client_id == 0
     assert set(grid.round_stats(1)["clients"]) == {"0", "1"}
+
+
+@pytest.mark.parametrize("bad", [{"delay_s": "0"}, {"delay_s": float("nan")}, {"client_id": 0},
+                                 {"server_round": 9}, {"bits": -1}, {"delivered": 1}])
+def test_a_malformed_uplink_record_is_replaced_by_the_servers_own(bad: dict) -> None:
+    """A client's uplink record is input from outside: a bad one never reaches the statistics."""
+    _, honest = make_grid({11: 1}, snr_db="40")
+    honest.send_and_receive(broadcast(1, [11])[1])
+    inner, grid = make_grid({11: 1}, snr_db="40")
+    _, messages = broadcast(1, [11])
+    replies = list(grid._grid.send_and_receive(grid._downlink(messages)[0]))
+    replies[0].content["wireless"] = ConfigRecord({**replies[0].content["wireless"], **bad})
+    grid._log_replies(replies)
+    # Accounted on the server with the same draws: the row equals the honest one.
+    assert grid.round_stats(1)["clients"]["1"] == honest.round_stats(1)["clients"]["1"]
+
+
+def test_an_uplink_lost_reason_that_is_no_json_is_ignored() -> None:
+    inner, grid = make_grid({11: 0}, snr_db="40")
+    _, messages = broadcast(1, [11])
+    grid._downlink(messages)
+    lost = Message(Error(code=UPLINK_LOST, reason=UPLINK_LOST_PREFIX + "{not json"), reply_to=messages[0])
+    grid._log_replies([lost])
+    assert not grid.round_stats(1)["clients"]["0"]["uplink_attempted"]
 
 
 def test_evaluate_and_disabled_traffic() -> None:

@@ -54,6 +54,7 @@ def test_removing_the_mod_gives_identical_training(tiny_data_dir, tmp_path):
     bare = ClientApp()  # the same learning functions, no mods
     bare.train()(client_app.train)
     bare.evaluate()(client_app.evaluate_)
+    bare.query()(client_app.query)  # the start-up query is no learning: it stays
     without = tiny_config(tiny_data_dir, tmp_path, run_name="without-mod", **common)
     run_server(without, InProcessGrid(without, 2, app=bare))
 

@@ -1,11 +1,15 @@
 """Partial aggregation: FedAvg (or a robust rule) over exactly the parameters a method shares.
 
 The rule for what is shared is declarative (:mod:`pwff_app.methods`): the server's initial
-``ArrayRecord`` holds the shared parameters and nothing else, and every reply must carry
-exactly those keys with the same shapes and dtypes, finite values, an update norm within the
-configured bound and the current round. A reply that does not is rejected with a logged
-reason and counted in the round's record; the round aggregates the rest. If fewer than
-``min_survivors`` remain, the global weights stay as they were and the run goes on.
+``ArrayRecord`` holds the shared parameters and nothing else. Every reply is checked before
+any of its fields is used (:mod:`pwff_app.federation.checks`): its records, every metric and
+``info`` field against the one range table, ``num-examples`` against the run's bound, its
+client id against the roster (:mod:`pwff_app.federation.roster`), its round; a train reply's
+arrays must be exactly the shared keys with the same shapes and dtypes, finite, within the
+update-norm bound. A reply that fails is rejected with a logged reason and counted in the
+round's record; the round aggregates the rest. If fewer than ``min_survivors`` remain, the
+global weights stay as they were and the run goes on, unless every client failed the run's
+first round with the same error: then the run stops with it (a broken setup, not bad luck).
 
 The aggregation rule itself is Flower's: :class:`FedAvg`, :class:`FedMedian` or
 :class:`FedTrimmedAvg`, chosen by run-config ``aggregator``.
@@ -13,41 +17,21 @@ The aggregation rule itself is Flower's: :class:`FedAvg`, :class:`FedMedian` or
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
+from typing import Any, ClassVar
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore import log
 
 from pwff_app.federation.checkpoint import save_checkpoint
+from pwff_app.federation.checks import (
+    INFO, KINDS, METRICS, ExampleBounds, arrays_problem, reply_problem, stop_if_all_failed,
+)
 from pwff_app.federation.payload import arrayrecord_payload_bytes, payload_bytes
 from pwff_app.federation.results import RunRecorder
-
-
-def reply_problem(reply_arrays: ArrayRecord, reference: ArrayRecord, max_update_norm: float = 0.0) -> str | None:
-    """Why a reply's arrays cannot be aggregated with ``reference``, or None if they can.
-
-    ``max_update_norm`` bounds the L2 norm of (reply - reference) over all arrays; 0 = no bound.
-    """
-    got, want = set(reply_arrays.keys()), set(reference.keys())
-    if got != want:
-        extra, missing = sorted(got - want), sorted(want - got)
-        return f"keys differ from the shared set (unexpected {extra[:3]}, missing {missing[:3]})"
-    squared = 0.0
-    for key, ref in reference.items():
-        arr = reply_arrays[key]
-        if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-            return f"{key}: {arr.dtype}{list(arr.shape)} != expected {ref.dtype}{list(ref.shape)}"
-        value = arr.numpy()
-        if not np.isfinite(value).all():
-            return f"{key}: non-finite values"
-        squared += float(np.sum((value.astype(np.float64) - ref.numpy()) ** 2))
-    if max_update_norm > 0 and squared ** 0.5 > max_update_norm:
-        return f"update norm {squared ** 0.5:.4g} > bound {max_update_norm:.4g}"
-    return None
 
 
 class _PartialMixin:
@@ -55,6 +39,8 @@ class _PartialMixin:
 
     Args:
         recorder: where per-client numbers of each round go.
+        roster: node id -> client id, fixed before round 1; only these nodes get messages.
+        example_bounds: the largest ``num-examples`` a train / evaluate reply may claim.
         min_survivors: fewest valid replies needed to update the global weights.
         max_update_norm: L2 bound on a reply's distance from the global weights (0 = off).
         round_offset: rounds already done before this start (resuming from a checkpoint).
@@ -63,10 +49,16 @@ class _PartialMixin:
         **kwargs: passed to the Flower strategy.
     """
 
-    def __init__(self, recorder: RunRecorder, min_survivors: int = 1, max_update_norm: float = 0.0,
-                 round_offset: int = 0, checkpoint_meta: dict | None = None, **kwargs) -> None:
+    #: The :data:`~pwff_app.federation.checks.KINDS` of this family's train and evaluate replies.
+    REPLY_KINDS: ClassVar[tuple[str, str]] = ("task/train", "task/evaluate")
+
+    def __init__(self, recorder: RunRecorder, roster: Mapping[int, int], example_bounds: ExampleBounds,
+                 min_survivors: int = 1, max_update_norm: float = 0.0, round_offset: int = 0,
+                 checkpoint_meta: dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.recorder = recorder
+        self.roster = dict(roster)
+        self.example_bounds = example_bounds
         self.min_survivors = min_survivors
         self.max_update_norm = max_update_norm
         self.round_offset = round_offset
@@ -78,59 +70,78 @@ class _PartialMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        messages = self._to_roster(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._downlink = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self._aggregated = arrays  # the round's global weights after aggregation
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return self._to_roster(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
 
-    def _envelope_problem(self, content, server_round: int) -> str | None:
-        """Record counts, the weighting metric and the round: what every reply must get right."""
-        arrays = content.array_records.get(self.arrayrecord_key)
-        if arrays is None or len(content.array_records) != 1:
-            return f"expected one ArrayRecord '{self.arrayrecord_key}', got {sorted(content.array_records)}"
-        if len(content.metric_records) != 1 or self.weighted_by_key not in next(iter(content.metric_records.values())):
-            return f"expected one MetricRecord with '{self.weighted_by_key}'"
-        info = content.get("info", ConfigRecord())
-        if int(info.get("server-round", server_round)) != server_round:
-            return f"reply for round {info.get('server-round')} in round {server_round}"
-        return None
+    def _to_roster(self, messages: Iterable[Message]) -> list[Message]:
+        """The messages to nodes of the roster: a node that named no client takes no part."""
+        return [m for m in messages if m.metadata.dst_node_id in self.roster]
 
-    def _problem(self, content, server_round: int) -> str | None:
-        return self._envelope_problem(content, server_round) or reply_problem(
-            content[self.arrayrecord_key], self._global, self.max_update_norm)
+    def _envelope_problem(self, msg: Message, server_round: int, train: bool) -> str | None:
+        """Records and fields of a reply (:func:`reply_problem`) with this run's roster, round and bound."""
+        kind = KINDS[self.REPLY_KINDS[0 if train else 1]]
+        bound = self.example_bounds.train if train else self.example_bounds.evaluate
+        return reply_problem(msg.content, kind, client_id=self.roster.get(msg.metadata.src_node_id),
+                             server_round=server_round, max_examples=bound)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
-        accepted = []
+    def _problem(self, msg: Message, server_round: int) -> str | None:
+        """Why a train reply cannot be aggregated, or None."""
+        return self._envelope_problem(msg, server_round, train=True) or arrays_problem(
+            msg.content[self.arrayrecord_key], self._global, self.max_update_norm)
+
+    def _screen(self, replies: Iterable[Message], problem: Callable[[Message], str | None],
+                prefix: str) -> tuple[list[Message], dict[int, str | None]]:
+        """(accepted replies, node -> why it failed or None); failures logged and counted as events."""
+        accepted, outcomes = [], {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self.recorder.event("failed", node=node, reason=msg.error.reason)
+                outcomes[node] = msg.error.reason or f"error {msg.error.code}"
+                self.recorder.event(prefix + "failed", node=node, client=self.roster.get(node),
+                                    reason=msg.error.reason)
                 continue
-            content = msg.content
-            info = content.get("info", ConfigRecord())
-            client_id = int(info.get("client-id", -1))
-            problem = self._problem(content, server_round)
-            if problem is not None:
-                log(WARNING, "round %d: rejected reply of client %d (node %d): %s",
-                    server_round, client_id, node, problem)
-                self.recorder.event("rejected", node=node, client=client_id, reason=problem)
+            outcomes[node] = problem(msg)
+            if outcomes[node] is not None:
+                log(WARNING, "rejected %sreply of node %d (client %s): %s", prefix, node,
+                    self.roster.get(node), outcomes[node])
+                self.recorder.event(prefix + "rejected", node=node, client=self.roster.get(node),
+                                    reason=outcomes[node])
                 continue
-            metrics = next(iter(content.metric_records.values()))
+            accepted.append(msg)
+        return accepted, outcomes
+
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The train replies that pass every check, recorded per client (``server_round`` with offset).
+
+        Stops the run (:class:`~pwff_app.federation.checks.AllClientsFailed`) when every client
+        failed the run's first round with the same error.
+        """
+        accepted, outcomes = self._screen(replies, lambda msg: self._problem(msg, server_round), "")
+        if server_round == self.round_offset + 1:
+            stop_if_all_failed(outcomes, len(self.roster), f"round {server_round}")
+        for msg in accepted:
+            content, node = msg.content, msg.metadata.src_node_id
+            metrics, info = content[METRICS], content[INFO]
             self.recorder.client(
-                client_id,
+                self.roster[node],
                 num_examples=int(metrics[self.weighted_by_key]),
                 train_loss=metrics.get("train-loss"),
                 uplink_bytes=arrayrecord_payload_bytes(content[self.arrayrecord_key]),
                 downlink_bytes=self._downlink.get(node, 0),
-                private_params=int(info.get("private-params", 0)),
+                private_params=int(info["private-params"]),
             )
-            accepted.append(msg)
+        return accepted
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        accepted = self.screen_train(server_round, replies)
         if len(accepted) < self.min_survivors:
             log(WARNING, "round %d: %d valid replies < %d: global weights unchanged",
                 server_round, len(accepted), self.min_survivors)
@@ -138,18 +149,17 @@ class _PartialMixin:
             return None, None
         return super().aggregate_train(server_round, accepted)
 
+    def _record_evaluation(self, client_id: int, metrics: Mapping[str, Any]) -> None:
+        """Put a checked evaluate reply's metrics in the round's record."""
+        self.recorder.client(client_id, **{k.replace("-", "_"): v for k, v in metrics.items()
+                                           if k != self.weighted_by_key})
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        valid = []
-        for msg in replies:
-            if msg.has_error():
-                self.recorder.event("eval-failed", node=msg.metadata.src_node_id, reason=msg.error.reason)
-                continue
-            info = msg.content.get("info", ConfigRecord())
-            metrics = next(iter(msg.content.metric_records.values()))
-            self.recorder.client(int(info.get("client-id", -1)),
-                                 **{k.replace("-", "_"): v for k, v in metrics.items() if k != self.weighted_by_key})
-            valid.append(msg)
+        valid, _ = self._screen(replies, lambda msg: self._envelope_problem(msg, server_round, train=False),
+                                "eval-")
+        for msg in valid:
+            self._record_evaluation(self.roster[msg.metadata.src_node_id], msg.content[METRICS])
         aggregated = super().aggregate_evaluate(server_round, valid)
         self.recorder.end_round(server_round)
         if self.checkpoint_meta is not None and self._aggregated is not None:

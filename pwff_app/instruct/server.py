@@ -9,7 +9,7 @@ The clients' side is :mod:`pwff_app.instruct.client`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -21,7 +21,9 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from pwff_app.config import InstructConfig, RunConfig
 from pwff_app.federation.results import RunRecorder
-from pwff_app.federation.strategy import _PartialMixin, reply_problem
+from pwff_app.federation.checks import INFO, METRICS, arrays_problem, decode_problem, example_bounds
+from pwff_app.federation.roster import Roster
+from pwff_app.federation.strategy import _PartialMixin
 from pwff_app.instruct import runtime
 from pwff_app.instruct.client import global_fingerprint
 from pwff_app.instruct.policy import policy_source, trainable_state
@@ -61,6 +63,8 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
     concrete class names last (see :data:`STRATEGIES`).
     """
 
+    REPLY_KINDS = ("instruct/train", "instruct/evaluate")
+
     def __init__(self, *, block_names: Sequence[str], mask_rule: str, sparse_fedavg: bool, lora: bool,
                  **kwargs) -> None:
         super().__init__(**kwargs)
@@ -74,20 +78,15 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
         self._global_crc = global_fingerprint({k: v.numpy() for k, v in arrays.items()})
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _problem(self, content, server_round: int) -> str | None:
-        problem = self._envelope_problem(content, server_round)
+    def _problem(self, msg: Message, server_round: int) -> str | None:
+        # The envelope first: every field below is then present and within its range.
+        problem = self._envelope_problem(msg, server_round, train=True)
         if problem is not None:
             return problem
-        arrays = content[self.arrayrecord_key]
-        metrics = next(iter(content.metric_records.values()))
-        info = content.get("info", ConfigRecord())
-        try:
-            s, m_seed = float(metrics["sparsity"]), int(metrics["mask-seed"])
-        except (KeyError, TypeError, ValueError):
-            return "metrics lack 'sparsity' / 'mask-seed' (needed to rebuild the update mask)"
-        if not 0.0 <= s < 1.0:
-            return f"sparsity {s} outside [0, 1)"
-        if self.mask_rule == "magnitude" and not self.lora and int(metrics.get("global-crc", -1)) != self._global_crc:
+        content = msg.content
+        arrays, metrics, info = content[self.arrayrecord_key], content[METRICS], content[INFO]
+        s, m_seed = float(metrics["sparsity"]), int(metrics["mask-seed"])
+        if self.mask_rule == "magnitude" and not self.lora and int(metrics["global-crc"]) != self._global_crc:
             return "trained from another global than this round's (magnitude masks would not match)"
         glob = {k: torch.from_numpy(v.numpy()) for k, v in self._global.items()}
         if self.lora:
@@ -105,31 +104,26 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
             got = arrays[k]
             if tuple(got.shape) != want or got.dtype != ref.dtype:
                 return f"{k}: {got.dtype}{list(got.shape)} != expected {ref.dtype}{list(want)} at s={s}"
+        problem = decode_problem(arrays)
+        if problem is not None:
+            return problem
         dense = unpack_sparse({k: v.numpy() for k, v in arrays.items()}, masks, glob)
-        problem = reply_problem(ArrayRecord({k: Array(v.numpy()) for k, v in dense.items()}), self._global,
-                                self.max_update_norm)
+        problem = arrays_problem(ArrayRecord({k: Array(v.numpy()) for k, v in dense.items()}), self._global,
+                                 self.max_update_norm)
         if problem is not None:
             return problem
         self._decoded[id(content)] = (dense, masks, float(metrics[self.weighted_by_key]))
-        cid = int(info.get("client-id", -1))
-        self.recorder.client(cid, sparsity=s, reward_train=metrics.get("reward-train"), kl_train=metrics.get("kl"),
-                             reg_reward=metrics.get("reg-reward"), help_train=metrics.get("help-train"),
-                             safe_train=metrics.get("safe-train"),
-                             attention_flops=int(metrics.get("attention-flops", 0)),
-                             attention_flops_dense=int(metrics.get("attention-flops-dense", 0)),
-                             compute_s=float(info.get("compute-s", 0.0)))
+        self.recorder.client(self.roster[msg.metadata.src_node_id], sparsity=s,
+                             reward_train=metrics["reward-train"], kl_train=metrics["kl"],
+                             reg_reward=metrics["reg-reward"], help_train=metrics["help-train"],
+                             safe_train=metrics["safe-train"], attention_flops=int(metrics["attention-flops"]),
+                             attention_flops_dense=int(metrics["attention-flops-dense"]),
+                             compute_s=float(info["compute-s"]))
         return None
 
-    def aggregate_evaluate(self, server_round, replies):
-        replies = list(replies)
-        for msg in replies:
-            if msg.has_error():
-                continue
-            info = msg.content.get("info", ConfigRecord())
-            metrics = next(iter(msg.content.metric_records.values()))
-            if "combined" in metrics:
-                self.recorder.client(int(info.get("client-id", -1)), reward=float(metrics["combined"]))
-        return super().aggregate_evaluate(server_round, replies)
+    def _record_evaluation(self, client_id: int, metrics: Mapping[str, Any]) -> None:
+        super()._record_evaluation(client_id, metrics)
+        self.recorder.client(client_id, reward=float(metrics["combined"]))
 
 
 class PfitPartialFedAvg(SparsePartialMixin, FedAvg):
@@ -153,14 +147,15 @@ STRATEGIES: dict[str, type[SparsePartialMixin]] = {
 
 
 def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, block_names: Sequence[str],
-                  **kwargs) -> SparsePartialMixin:
-    """STRATEGIES[cfg.aggregation.aggregator] with the run's aggregation settings; ``kwargs`` go to Flower."""
+                  roster: Roster, **kwargs) -> SparsePartialMixin:
+    """STRATEGIES[cfg.aggregation.aggregator] with the run's aggregation settings and reply checks
+    (``roster``: node -> client, fixed before round 1); ``kwargs`` go to Flower."""
     agg = cfg.aggregation
     extra = {"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}
     return STRATEGIES[agg.aggregator](
         block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=agg.aggregator == "fedavg",
-        lora=icfg.use_lora, recorder=recorder, min_survivors=agg.min_survivors,
-        max_update_norm=agg.max_update_norm, **extra, **kwargs)
+        lora=icfg.use_lora, recorder=recorder, roster=roster, example_bounds=example_bounds(cfg),
+        min_survivors=agg.min_survivors, max_update_norm=agg.max_update_norm, **extra, **kwargs)
 
 
 def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
@@ -175,10 +170,12 @@ def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
     return {"per_client": last, "mean": mean}
 
 
-def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None = None) -> dict[str, Any]:
+def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None,
+             roster: Roster) -> dict[str, Any]:
     """Run an instruct-family method; returns the summary block for ``recorder.finish``.
 
-    ``resumed`` is always None: the config refuses ``resume`` for this family.
+    ``resumed`` is always None: the config refuses ``resume`` for this family. ``roster``:
+    node -> client, fixed before round 1.
     """
     icfg = cfg.instruct.for_method(cfg.method)
     t0 = time.perf_counter()
@@ -192,7 +189,7 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
           f"({sum(v.numel() for v in initial_state.values()):,} trainable params shared)", flush=True)
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in initial_state.items()})
     strategy = make_strategy(
-        cfg, icfg, recorder, bundle.blocks,
+        cfg, icfg, recorder, bundle.blocks, roster,
         checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
         min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
     )

@@ -179,8 +179,8 @@ def combine_links(first: LinkResult | None, then: LinkResult) -> LinkResult:
     Bits, packets, retransmissions, attempts, air time and energy add up; the exchange is
     delivered only if both messages were; rate, capacity and gain stay those of the first
     message. Split learning sends one message per batch each way, so its round is the sum.
-    The client id is the later result's: a server learns which client a node runs from its
-    first reply, so a round's first downlink may carry a stand-in id.
+    The client id is the later result's (both name the same client: the server fixes which
+    client a node runs before round 1).
     """
     if first is None:
         return then

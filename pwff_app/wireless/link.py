@@ -10,7 +10,9 @@ untouched in both directions.
 * :class:`WirelessGrid` (wraps the ServerApp's Grid): simulates each train message's
   downlink, strips or withholds lost ones, and keeps per-round, per-client statistics
   (:meth:`WirelessGrid.round_stats`, :meth:`WirelessGrid.summary_block`; the pure
-  summaries are in :mod:`pwff_app.wireless.stats`).
+  summaries are in :mod:`pwff_app.wireless.stats`). It keys every draw by the client a
+  node runs, from the roster the server fixed before round 1
+  (:mod:`pwff_app.federation.roster`): same seed, same channel, from the first downlink on.
 
 Message boundary (fixed contract): train messages carry ``"arrays"`` (ArrayRecord) and
 ``"config"`` (ConfigRecord with ``"server-round"``); train replies carry one ArrayRecord,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
@@ -31,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from pwff_app.config import ChannelConfig
+from pwff_app.federation.checks import WIRELESS, as_integer, as_number
 from pwff_app.federation.payload import payload_bytes
 from pwff_app.wireless.channel import LinkResult, combine_links, transmit
 from pwff_app.wireless.stats import ClientRound, summarize_round, summary_block
@@ -45,7 +49,7 @@ UPLINK_LOST_PREFIX = "wireless: uplink lost "
 DOWNLINK_LOST_PREFIX = "wireless: downlink lost "
 NO_STALE_COPY_PREFIX = "wireless: downlink lost and no earlier global model "
 
-WIRELESS_KEY = "wireless"  # ConfigRecord the mod adds to delivered train replies
+WIRELESS_KEY = WIRELESS  # ConfigRecord the mod adds to delivered train replies
 DOWNLINK_LOST_FLAG = "pwff.downlink-lost"  # set in "config" of a stripped train message
 DOWNLINK_DELAY_KEY = "pwff.downlink-delay-s"  # realtime only: downlink delay to sleep
 _STATE_PREFIX = "wireless.last-global."  # + ArrayRecord key, in the client's context.state
@@ -81,6 +85,32 @@ def _replace_config(
     new = RecordDict(dict(content.items()))
     new[key] = new_config
     return new
+
+
+def _valid_uplink(record: Mapping[str, object], client_id: int, server_round: int | None) -> LinkResult | None:
+    """The uplink record of a reply as a LinkResult, or None unless every field has its type
+    (integers and finite non-negative numbers; the SNR may be negative) and it names this
+    client's uplink in ``server_round``: a client's reply is input from outside."""
+    if any(f.name not in record for f in fields(LinkResult)):
+        return None
+    for f in fields(LinkResult):
+        value = record[f.name]
+        if f.type == "int":
+            ok = as_integer(value) is not None and value >= 0
+        elif f.type == "float":
+            ok = as_number(value) is not None and (value >= 0 or f.name == "snr_db")
+        else:  # delivered (bool), direction (str)
+            ok = isinstance(value, bool) if f.type == "bool" else value == "up"
+        if not ok:
+            return None
+    link = LinkResult.from_record(record)
+    return link if (link.client_id, link.server_round) == (client_id, server_round) else None
+
+
+def _seconds(value: object) -> float | None:
+    """A reported duration if it is a finite number >= 0, else None."""
+    number = as_number(value)
+    return float(number) if number is not None and number >= 0 else None
 
 
 def _copy_arrays(record: ArrayRecord) -> ArrayRecord:
@@ -155,19 +185,20 @@ def uplink_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 class WirelessGrid(Grid):
     """A ``Grid`` that puts each train message through the downlink and logs both links.
 
-    Pass it wherever the Grid goes (``strategy.start(grid=WirelessGrid(grid, cfg), ...)``);
+    Pass it wherever the Grid goes (``strategy.start(grid=WirelessGrid(grid, cfg, roster), ...)``);
     every Grid method and attribute is delegated to the wrapped one.
 
-    The server does not know which client (``partition-id``) a node runs until a reply
-    tells it (``info["client-id"]`` or the uplink record); before that the node's index in
-    ``sorted(get_node_ids())`` stands in, so round-1 downlinks of a per-client SNR list may
-    use another client's SNR.
+    ``roster`` (node id -> client id, :func:`pwff_app.federation.roster.query_roster`) says
+    which client each node runs before round 1, so every draw is keyed by the client from
+    the first downlink on. Train messages go to roster nodes only (the strategies send to
+    no other); a reply's uplink record is used only if it is well-formed and names the
+    node's own client, else the uplink is accounted here with the same draws.
     """
 
-    def __init__(self, grid: Grid, cfg: ChannelConfig) -> None:
+    def __init__(self, grid: Grid, cfg: ChannelConfig, roster: Mapping[int, int]) -> None:
         self._grid = grid
         self.cfg = cfg
-        self._client_of_node: dict[int, int] = {}
+        self.roster = dict(roster)
         self._rounds: dict[int, dict[int, ClientRound]] = {}  # round -> node id -> links
         self._warned_no_mod = False
 
@@ -221,31 +252,14 @@ class WirelessGrid(Grid):
         self._log_replies(replies)
         return replies
 
-    def _draw_client_id(self, node_id: int, nodes: Sequence[int]) -> int:
-        """Client id keying the downlink draws: learned, else the node's sorted index."""
-        if node_id in self._client_of_node:
-            return self._client_of_node[node_id]
-        return nodes.index(node_id) if node_id in nodes else len(nodes)
-
     def _entry(self, server_round: int, node_id: int) -> ClientRound:
         nodes = self._rounds.setdefault(server_round, {})
         if node_id not in nodes:
-            nodes[node_id] = ClientRound(node_id=node_id, client_id=self._client_of_node.get(node_id))
+            nodes[node_id] = ClientRound(node_id=node_id, client_id=self.roster[node_id])
         return nodes[node_id]
-
-    def _learn_client(self, node_id: int, client_id: int) -> None:
-        """Remember which client a node runs and name it in the rounds logged so far."""
-        self._client_of_node[node_id] = client_id
-        for nodes in self._rounds.values():
-            if node_id in nodes:
-                nodes[node_id].client_id = client_id
 
     def _downlink(self, messages: list[Message]) -> tuple[list[Message], list[Message]]:
         """Return (messages to send, error replies for messages withheld under ``skip``)."""
-        train = [m for m in messages if _is_train(m)]
-        if not train:
-            return messages, []
-        nodes = sorted(self.get_node_ids())
         to_send: list[Message] = []
         withheld: list[Message] = []
         for msg in messages:
@@ -255,7 +269,9 @@ class WirelessGrid(Grid):
             node_id = msg.metadata.dst_node_id
             _, config = _round_config(msg.content)
             server_round = int(config["server-round"])
-            client_id = self._draw_client_id(node_id, nodes)
+            if node_id not in self.roster:
+                raise ValueError(f"wireless: train message to node {node_id}, which is not in the roster")
+            client_id = self.roster[node_id]
             link = transmit(8 * payload_bytes(msg.content), self.cfg, client_id, server_round, "down")
             entry = self._entry(server_round, node_id)
             entry.down = combine_links(entry.down, link)  # several per round in split learning
@@ -289,15 +305,13 @@ class WirelessGrid(Grid):
 
     def _log_replies(self, replies: Iterable[Message]) -> None:
         for reply in replies:
-            if not _is_train(reply):
-                continue
             node_id = reply.metadata.src_node_id
-            up, compute_s, client_id = self._uplink_of(reply)
-            if client_id is not None:
-                self._learn_client(node_id, client_id)
-            server_round = up.server_round if up else self._latest_round_of(node_id)
-            if server_round is None or (up is None and compute_s is None):
+            if not _is_train(reply) or node_id not in self.roster:
                 continue
+            server_round = self._latest_round_of(node_id)
+            if server_round is None:
+                continue
+            up, compute_s = self._uplink_of(reply, self.roster[node_id], server_round)
             entry = self._entry(server_round, node_id)
             if up is not None:
                 entry.up = combine_links(entry.up, up)
@@ -308,34 +322,36 @@ class WirelessGrid(Grid):
         rounds = [r for r, nodes in self._rounds.items() if node_id in nodes]
         return max(rounds) if rounds else None
 
-    def _uplink_of(self, reply: Message) -> tuple[LinkResult | None, float | None, int | None]:
-        """(uplink result, compute seconds, client id) of a train reply, as far as known."""
+    def _uplink_of(self, reply: Message, client_id: int, server_round: int) -> tuple[LinkResult | None, float | None]:
+        """(uplink result, compute seconds) of a train reply of ``client_id`` in ``server_round``.
+
+        From the mod's record (in a delivered reply, or the reason of an uplink-lost error) when
+        it is well-formed; else, for a delivered reply, accounted here as the mod would have
+        (same draws; nothing is dropped here).
+        """
         if reply.has_error():
             reason = reply.error.reason or ""
-            if reply.error.code == UPLINK_LOST and reason.startswith(UPLINK_LOST_PREFIX):
-                stats = json.loads(reason[len(UPLINK_LOST_PREFIX) :])
-                return LinkResult.from_record(stats), stats.get("compute_s"), int(stats["client_id"])
-            if reply.error.code == NO_STALE_COPY and reason.startswith(NO_STALE_COPY_PREFIX):
-                return None, None, int(json.loads(reason[len(NO_STALE_COPY_PREFIX) :])["client_id"])
-            return None, None, None
+            if reply.error.code != UPLINK_LOST or not reason.startswith(UPLINK_LOST_PREFIX):
+                return None, None
+            try:
+                stats = json.loads(reason[len(UPLINK_LOST_PREFIX):])
+            except ValueError:
+                return None, None
+            if not isinstance(stats, dict):
+                return None, None
+            return _valid_uplink(stats, client_id, server_round), _seconds(stats.get("compute_s"))
         content = reply.content
         info = content.config_records.get("info")
-        compute_s = float(info["compute-s"]) if info is not None and "compute-s" in info else None
-        client_id = int(info["client-id"]) if info is not None and "client-id" in info else None
-        if WIRELESS_KEY in content.config_records:
-            up = LinkResult.from_record(content.config_records[WIRELESS_KEY])
-            return up, compute_s, up.client_id
-        if client_id is None:
-            return None, compute_s, None
+        compute_s = _seconds(info.get("compute-s")) if info is not None else None
+        record = content.config_records.get(WIRELESS_KEY)
+        up = _valid_uplink(record, client_id, server_round) if record is not None else None
+        if up is not None:
+            return up, compute_s
         if self.cfg.enabled and not self._warned_no_mod:
             self._warned_no_mod = True
-            log(WARNING, "wireless: train replies carry no uplink record; is uplink_mod in ClientApp(mods=...)?")
-        server_round = self._latest_round_of(reply.metadata.src_node_id)
-        if server_round is None:
-            return None, compute_s, client_id
-        # Account the uplink as the mod would have (same draws); nothing is dropped here.
-        up = transmit(8 * payload_bytes(content), self.cfg, client_id, server_round, "up")
-        return up, compute_s, client_id
+            log(WARNING, "wireless: a train reply carries no usable uplink record (is uplink_mod in "
+                "ClientApp(mods=...)?): its uplink is accounted on the server")
+        return transmit(8 * payload_bytes(content), self.cfg, client_id, server_round, "up"), compute_s
 
     # -- results ---------------------------------------------------------------------
 

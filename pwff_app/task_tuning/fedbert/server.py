@@ -41,9 +41,13 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore import log
 
 from pwff_app.config import AggregationConfig, RunConfig
+from pwff_app.federation.checks import (
+    KINDS, activations_problem, arrays_problem, example_bounds, reply_problem, stop_if_all_failed,
+)
 from pwff_app.federation.payload import payload_bytes
 from pwff_app.federation.results import RunRecorder
-from pwff_app.federation.strategy import reply_problem
+from pwff_app.federation.roster import Roster
+from pwff_app.task_tuning.data import AG_NEWS_CLASSES
 from pwff_app.task_tuning.fedbert.model import (
     ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, SplitConfig, build_split_model,
     new_optimizer, server_step, split_model, split_param_counts, trained_arrays,
@@ -82,19 +86,6 @@ def exchange(grid: Grid, msg: Message, timeout: float = REPLY_TIMEOUT_S) -> Mess
             raise _Failed(f"no reply within {timeout:.0f} s")
         time.sleep(wait)
         wait = min(wait * 1.5, _POLL_MAX_S)
-
-
-def wait_for_nodes(grid: Grid, num_clients: int, poll_s: float = 1.0) -> list[int]:
-    """Node ids once at least ``num_clients`` are connected (as Flower strategies wait)."""
-    logged = 0.0
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= num_clients:
-            return nodes
-        if time.monotonic() - logged > 30:
-            log(INFO, "fedbert: waiting for %d nodes (%d connected)", num_clients, len(nodes))
-            logged = time.monotonic()
-        time.sleep(poll_s)
 
 
 @dataclass
@@ -145,37 +136,15 @@ class ClientRound:
         return out
 
 
-def _reply_info(reply: Message, expected_step: int) -> tuple[int, dict]:
-    """(client id, metrics) of a reply after the checks every reply must pass."""
-    if reply.has_error():
-        raise _Failed(f"error reply {reply.error.code}: {reply.error.reason}")
-    content = reply.content
-    if len(content.array_records) > 1 or len(content.metric_records) != 1 or INFO_KEY not in content.config_records:
-        raise _Failed("reply must hold at most one ArrayRecord, one MetricRecord and ConfigRecord 'info'")
-    info = content.config_records[INFO_KEY]
-    if int(info.get("step", -1)) != expected_step:
-        raise _Failed(f"reply for step {info.get('step')} while expecting step {expected_step}")
-    return int(info["client-id"]), dict(next(iter(content.metric_records.values())))
-
-
-def _activations(reply: Message, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    record = reply.content.array_records.get(ARRAYS)
-    if record is None or set(record.keys()) != {ACTIVATIONS, MASK, LABELS}:
-        raise _Failed(f"reply must carry arrays {ACTIVATIONS}, {MASK}, {LABELS}")
-    acts, mask, labels = (record[k].numpy() for k in (ACTIVATIONS, MASK, LABELS))
-    if acts.ndim != 3 or acts.shape[2] != hidden or mask.shape != acts.shape[:2] or labels.shape != acts.shape[:1]:
-        raise _Failed(f"activation shapes {acts.shape}, mask {mask.shape}, labels {labels.shape} do not fit")
-    if not np.isfinite(acts).all():
-        raise _Failed("non-finite activations")
-    return (torch.from_numpy(np.array(acts, dtype=np.float32)), torch.from_numpy(mask.astype(np.int64)),
-            torch.from_numpy(labels.astype(np.int64)))
-
-
 class SplitServer:
-    """The server's side of FedBERT: the top, its optimizer, the global bottom, the aggregation rule."""
+    """The server's side of FedBERT: the top, its optimizer, the global bottom, the aggregation rule.
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
-        self.cfg, self.recorder = cfg, recorder
+    ``roster``: node -> client, fixed before round 1; every reply is checked against it
+    (:mod:`pwff_app.federation.checks`) before any of its fields is used.
+    """
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, roster: Roster) -> None:
+        self.cfg, self.recorder, self.roster = cfg, recorder, dict(roster)
         self.split = SplitConfig.from_run_config(cfg)
         torch.manual_seed(cfg.seed)  # the top's dropout draws
         model = build_split_model(cfg, self.split)
@@ -185,13 +154,47 @@ class SplitServer:
         self.hidden = int(self.top.config.hidden_size)
         self.optimizer = new_optimizer(self.top, self.split.lr)
         self.rule = aggregation_rule(cfg.aggregation)
-        self.client_of_node: dict[int, int] = {}
+        self.bounds = example_bounds(cfg)
+
+    # -- reply checks --------------------------------------------------------------------
+
+    def _checked(self, reply: Message, node: int, server_round: int, step: int, kind: str,
+                 max_examples: int) -> dict:
+        """The metrics of a reply of ``kind`` that passes every check; else :class:`_Failed`."""
+        if reply.has_error():
+            raise _Failed(f"error reply {reply.error.code}: {reply.error.reason}")
+        problem = reply_problem(reply.content, KINDS[kind], client_id=self.roster.get(node),
+                                server_round=server_round, max_examples=max_examples, step=step)
+        if problem is not None:
+            raise _Failed(problem)
+        return dict(reply.content[METRICS])
+
+    @staticmethod
+    def _num_steps(metrics: dict, known: int | None, bound: int) -> int:
+        """The exchange's step count: the first reply's, in [1, ``bound``], then the same in every reply."""
+        claimed = int(metrics["num-steps"])
+        if (known is None and not 1 <= claimed <= bound) or (known is not None and claimed != known):
+            raise _Failed(f"'num-steps' = {claimed}, expected {known if known is not None else f'1..{bound}'}")
+        return claimed
+
+    def _activations(self, reply: Message, num_examples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(activations, mask, labels) of a checked reply; :class:`_Failed` if they are unusable."""
+        record = reply.content[ARRAYS]
+        problem = activations_problem(record, num_examples, self.hidden, len(AG_NEWS_CLASSES),
+                                      self.cfg.task.max_length)
+        if problem is not None:
+            raise _Failed(problem)
+        acts, mask, labels = (record[k].numpy() for k in (ACTIVATIONS, MASK, LABELS))
+        return (torch.from_numpy(np.array(acts, dtype=np.float32)), torch.from_numpy(mask.astype(np.int64)),
+                torch.from_numpy(labels.astype(np.int64)))
 
     # -- one client's training in one round ----------------------------------------------
 
     def train_client(self, grid: Grid, node: int, server_round: int) -> ClientRound:
-        cr = ClientRound(node_id=node, client_id=self.client_of_node.get(node, -1))
+        cr = ClientRound(node_id=node, client_id=self.roster[node])
         step, num_steps, grad = 0, None, None
+        task = self.cfg.task
+        max_steps = -(-self.bounds.train // task.batch_size) * task.local_epochs
         self.top.train()
         try:
             while True:
@@ -209,21 +212,21 @@ class SplitServer:
                     cr.downlink_gradient_bytes += sent
                 reply = exchange(grid, Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                                                group_id=str(server_round)))
-                client_id, metrics = _reply_info(reply, step)
-                cr.client_id = self.client_of_node[node] = client_id
-                cr.client_compute_s += float(reply.content[INFO_KEY].get("compute-s", 0.0))
+                kind, rows = ("split/weights", self.bounds.train) if final else ("split/activations", task.batch_size)
+                metrics = self._checked(reply, node, server_round, step, kind, rows)
+                cr.client_compute_s += float(reply.content[INFO_KEY]["compute-s"])
+                num_steps = self._num_steps(metrics, num_steps, max_steps)
                 if final:
                     cr.uplink_weight_bytes += payload_bytes(reply.content)
-                    weights = reply.content.array_records.get(ARRAYS, ArrayRecord())
-                    problem = reply_problem(weights, self.global_bottom, self.cfg.aggregation.max_update_norm)
+                    weights = reply.content[ARRAYS]
+                    problem = arrays_problem(weights, self.global_bottom, self.cfg.aggregation.max_update_norm)
                     if problem is not None:
                         raise _Failed(f"bottom weights rejected: {problem}")
                     cr.bottom, cr.num_examples = weights, int(metrics["num-examples"])
-                    cr.skipped_backward = int(metrics.get("skipped-backward", 0))
+                    cr.skipped_backward = int(metrics["skipped-backward"])
                     return cr
                 cr.uplink_activation_bytes += payload_bytes(reply.content)
-                acts, mask, labels = _activations(reply, self.hidden)
-                num_steps = int(metrics["num-steps"])
+                acts, mask, labels = self._activations(reply, int(metrics["num-examples"]))
                 started = time.perf_counter()
                 loss, grad = server_step(self.top, acts, mask, labels, self.optimizer)
                 cr.server_compute_s += time.perf_counter() - started
@@ -241,7 +244,8 @@ class SplitServer:
         """Accuracy and mean loss of global bottom + top on the client's test split."""
         self.top.eval()
         correct, loss_sum, seen, step, num_steps, up, down = 0, 0.0, 0, 0, None, 0, 0
-        client_id = self.client_of_node.get(node, -1)
+        client_id, rows = self.roster[node], 2 * self.cfg.task.batch_size  # eval batches are twice as large
+        max_steps = -(-self.bounds.evaluate // rows)
         try:
             while num_steps is None or step < num_steps:
                 content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "step": step})})
@@ -250,13 +254,10 @@ class SplitServer:
                 down += payload_bytes(content)
                 reply = exchange(grid, Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
                                                group_id=str(server_round)))
-                client_id, metrics = _reply_info(reply, step)
-                self.client_of_node[node] = client_id
+                metrics = self._checked(reply, node, server_round, step, "split/activations", rows)
                 up += payload_bytes(reply.content)
-                num_steps = int(metrics["num-steps"])
-                if num_steps == 0:
-                    break
-                acts, mask, labels = _activations(reply, self.hidden)
+                num_steps = self._num_steps(metrics, num_steps, max_steps)
+                acts, mask, labels = self._activations(reply, int(metrics["num-examples"]))
                 with torch.no_grad():
                     logits = self.top(acts, mask)
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -269,9 +270,8 @@ class SplitServer:
             return None
         finally:
             self.top.train()
-        out = {"eval_uplink_bytes": up, "eval_downlink_bytes": down}
-        if seen:
-            out.update(accuracy=correct / seen, loss=loss_sum / seen)
+        out = {"eval_uplink_bytes": up, "eval_downlink_bytes": down, "accuracy": correct / seen,
+               "loss": loss_sum / seen}
         self.recorder.client(client_id, **out)
         return out
 
@@ -319,45 +319,45 @@ def aggregate_bottoms(rule: FedAvg, server_round: int,
     return arrays
 
 
-def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_rounds: int) -> None:
+def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_rounds: int, roster: Roster) -> None:
     """FedBERT for ``num_rounds`` rounds; per-client records go to ``recorder`` every round.
 
-    ``cfg`` holds no ``resume`` (refused for fedbert when the config is read).
+    ``roster``: node -> client, fixed before round 1; only its nodes take part. ``cfg``
+    holds no ``resume`` (refused for fedbert when the config is read).
     """
-    server = SplitServer(cfg, recorder)
-    nodes = wait_for_nodes(grid, cfg.num_clients)
+    server = SplitServer(cfg, recorder, roster)
+    ranked = sorted(roster, key=roster.__getitem__)  # nodes by client id
     log(INFO, "fedbert: split after layer %d, train=%s, lr=%g, %d nodes, %d rounds",
-        server.split.split_layer, server.split.train, server.split.lr, len(nodes), num_rounds)
+        server.split.split_layer, server.split.train, server.split.lr, len(ranked), num_rounds)
     for server_round in range(1, num_rounds + 1):
-        # Seeded order over clients (by client id once every node has named its client; the
-        # first round can only go by node id), so a rerun with the same seed trains alike.
-        known = all(n in server.client_of_node for n in nodes)
-        ranked = sorted(nodes, key=lambda n: server.client_of_node[n]) if known else nodes
+        # Seeded order over clients, so a rerun with the same seed trains alike.
         order = [ranked[i] for i in np.random.default_rng([cfg.seed, server_round]).permutation(len(ranked))]
         results = []
         for node in order:
             cr = server.train_client(grid, node, server_round)
-            if cr.client_id >= 0:  # unknown until a first reply names the client
-                recorder.client(cr.client_id, **cr.record())
+            recorder.client(cr.client_id, **cr.record())
             if cr.failure is not None:
                 log(WARNING, "fedbert round %d: client %d (node %d) dropped at step %d: %s",
                     server_round, cr.client_id, node, cr.steps, cr.failure)
                 recorder.event("failed", node=node, client=cr.client_id, round=server_round, step=cr.steps,
                                reason=cr.failure, uplink_bytes=cr.uplink_bytes, downlink_bytes=cr.downlink_bytes)
             results.append(cr)
+        if server_round == 1:
+            stop_if_all_failed({cr.node_id: cr.failure for cr in results}, len(ranked), "round 1")
         server.aggregate(server_round, results)
-        for node in nodes:
+        for node in ranked:
             server.evaluate_client(grid, node, server_round)
         recorder.end_round(server_round)
 
 
-def run_fedbert(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None) -> dict[str, Any]:
+def run_fedbert(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None,
+                roster: Roster) -> dict[str, Any]:
     """The ServerApp's entry for method fedbert: all rounds, then the summary block.
 
     ``resumed`` is always None (resume is refused for fedbert); the argument keeps the
-    signature every method's server loop has.
+    signature every method's server loop has. ``roster``: node -> client, fixed before round 1.
     """
-    run_split_learning(grid, cfg, recorder, cfg.task.num_rounds)
+    run_split_learning(grid, cfg, recorder, cfg.task.num_rounds, roster)
     counts = split_param_counts(cfg)
     return {
         "num_clients": cfg.num_clients,
@@ -368,5 +368,5 @@ def run_fedbert(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: Arra
 
 __all__ = [
     "ClientRound", "SplitServer", "aggregate_bottoms", "aggregation_rule", "exchange", "run_fedbert",
-    "run_split_learning", "wait_for_nodes",
+    "run_split_learning",
 ]
