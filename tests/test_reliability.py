@@ -40,6 +40,36 @@ def test_resumed_run_ends_with_the_same_weights(tiny_data_dir, tmp_path):
     assert acc(tmp_path / "full") == acc(tmp_path / "part")
 
 
+def test_resumed_run_with_the_link_on_ends_bit_identical(tiny_data_dir, tmp_path):
+    """Node ids are random: each process below sees other ones. The roster keys every fading
+    draw by the client from round 1 on, so weights, scores and link statistics all match."""
+    common = dict(client_state_dir=str(tmp_path / "clients"), task__num_rounds=2, num_clients=2,
+                  wireless__enabled=True, wireless__snr_db="30,8")
+    full = tiny_config(tiny_data_dir, tmp_path, run_name="full", **common)
+    run_server(full, InProcessGrid(full, 2))
+    part = tiny_config(tiny_data_dir, tmp_path, run_name="part", **{**common, "task__num_rounds": 1})
+    run_server(part, InProcessGrid(part, 2, node_ids=[77, 33]))  # sorted node order != client order
+    resumed = tiny_config(tiny_data_dir, tmp_path, run_name="part", resume=True, **common)
+    run_server(resumed, InProcessGrid(resumed, 2, node_ids=[5000, 4000]))
+
+    r_full, a_full, _ = load_checkpoint(tmp_path / "full")
+    r_part, a_part, _ = load_checkpoint(tmp_path / "part")
+    assert r_full == r_part == 2
+    for key in a_full:
+        np.testing.assert_array_equal(a_full[key].numpy(), a_part[key].numpy())
+
+    def links(path) -> list[dict]:
+        """Each round's per-client link rows, less the node id and the wall-clock compute time."""
+        timed = {"node_id", "compute_s", "latency_s"}
+        return [{c: {k: v for k, v in row.items() if k not in timed} for c, row in r["wireless"]["clients"].items()}
+                for r in _rounds(path)]
+
+    assert [r["accuracy_mean"] for r in _rounds(tmp_path / "full")] == [
+        r["accuracy_mean"] for r in _rounds(tmp_path / "part")]
+    assert links(tmp_path / "full") == links(tmp_path / "part")
+    assert links(tmp_path / "full")[0]["1"]["snr_db"] == 8.0  # client 1's own channel, in round 1 too
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data_dir, tmp_path):
     rc = tiny_config(tiny_data_dir, tmp_path, run_name="none", resume=True, num_clients=2)
     with pytest.raises(ConfigError, match="no checkpoint"):
