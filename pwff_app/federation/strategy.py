@@ -69,6 +69,7 @@ class _PartialMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """Flower's train messages (round with offset) for the roster's nodes; remembers the global sent."""
         self._global = arrays
         messages = self._to_roster(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._downlink = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
@@ -76,6 +77,7 @@ class _PartialMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """Flower's evaluate messages for the roster's nodes; remembers the global to checkpoint."""
         self._aggregated = arrays  # the round's global weights after aggregation
         return self._to_roster(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
 
@@ -140,6 +142,7 @@ class _PartialMixin:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's rule over the replies that pass every check; (None, None) keeps the global."""
         server_round += self.round_offset
         accepted = self.screen_train(server_round, replies)
         if len(accepted) < self.min_survivors:
@@ -155,6 +158,7 @@ class _PartialMixin:
                                            if k != self.weighted_by_key})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record and average the checked evaluate replies, end the round, checkpoint the global."""
         server_round += self.round_offset
         valid, _ = self._screen(replies, lambda msg: self._envelope_problem(msg, server_round, train=False),
                                 "eval-")

@@ -191,6 +191,7 @@ class SplitServer:
     # -- one client's training in one round ----------------------------------------------
 
     def train_client(self, grid: Grid, node: int, server_round: int) -> ClientRound:
+        """One client's exchange of a round; a failed or rejected reply ends it in ``failure``."""
         cr = ClientRound(node_id=node, client_id=self.roster[node])
         step, num_steps, grad = 0, None, None
         task = self.cfg.task
