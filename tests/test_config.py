@@ -49,6 +49,8 @@ REFUSED = [
     ({"aggregator": "trimmed-mean"}, "trims int(0.2 x 4) = 0 replies per side"),
     ({"method": "fedbert", "resume": True, "run-name": "x"}, "'resume' is not supported for 'fedbert'"),
     ({"method": "shepherd", "resume": True, "run-name": "x"}, "'resume' is not supported for 'shepherd'"),
+    ({"method": "fedbert", "precision": "bf16"}, "'fedbert' runs on the CPU in fp32 for now"),
+    ({"method": "pfit", "precision": "bf16"}, "'pfit' runs on the CPU in fp32 for now"),
     ({"method": "pfl", "instruct.sparsity": "0.3"}, "'instruct.sparsity' is fixed to (0.0,) by method 'pfl'"),
     ({"method": "sfl", "instruct.reward-weights": "0.5:0.5"},
      "'instruct.reward-weights' is fixed to ((1.0, 0.0),) by method 'sfl'"),
