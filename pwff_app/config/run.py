@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from flwr.common.config import unflatten_dict
 from pydantic import BeforeValidator, field_validator, model_validator
 
-from pwff_app.config.base import AGGREGATION_KEYS, Bool, Int, PositiveInt, Scalar, Section, Str, section, validated
+from pwff_app.config.base import AGGREGATION_KEYS, Bool, Int, NonNegativeInt, PositiveInt, Scalar, Section, Str, section, validated
 from pwff_app.config.sections import (
     AggregationConfig,
     ChannelConfig,
@@ -40,6 +40,7 @@ class RunConfig(Section):
     method: Str = "pftt"
     seed: Int = 42
     num_clients: PositiveInt = 4  # the server waits for this many SuperNodes
+    clients_per_round: NonNegativeInt = 0  # 0 = all; else this many clients sampled per round (seeded)
     results_dir: Annotated[Path, BeforeValidator(_path_text)] = Path()
     run_name: Str = ""
     data_dir: Annotated[Path | None, BeforeValidator(_path_text)] = None
@@ -117,6 +118,11 @@ class RunConfig(Section):
         return self
 
     @property
+    def round_size(self) -> int:
+        """How many clients a round trains: ``clients-per-round``, or all when it is 0."""
+        return self.clients_per_round or self.num_clients
+
+    @property
     def spec(self):
         """The method's row of :data:`pwff_app.methods.METHODS`."""
         return METHODS[self.method]
@@ -141,10 +147,14 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
                                                              max_num_examples=agg.max_num_examples):
         problems.append(f"'{cfg.method}' aggregates nothing: leave 'aggregator', 'trim-fraction' and "
                         f"'max-update-norm' at their defaults")
-    if agg.aggregator == "trimmed-mean" and agg.trimmed_per_side(cfg.num_clients) == 0:
-        problems.append(f"'trim-fraction' {agg.trim_fraction} with {cfg.num_clients} clients trims "
-                        f"int({agg.trim_fraction} x {cfg.num_clients}) = 0 replies per side: use a "
-                        f"'trim-fraction' >= {1 / cfg.num_clients:.3g} (and < 0.5), or more clients")
+    if cfg.clients_per_round > cfg.num_clients:
+        problems.append(f"'clients-per-round' {cfg.clients_per_round} > 'num-clients' {cfg.num_clients}: "
+                        f"sample at most every client (0 = all)")
+    per_round = cfg.round_size
+    if agg.aggregator == "trimmed-mean" and agg.trimmed_per_side(per_round) == 0:
+        problems.append(f"'trim-fraction' {agg.trim_fraction} with {per_round} clients a round trims "
+                        f"int({agg.trim_fraction} x {per_round}) = 0 replies per side: use a "
+                        f"'trim-fraction' >= {1 / per_round:.3g} (and < 0.5), or more clients a round")
     if (cfg.device not in ("auto", "cpu") or cfg.precision == "bf16") and not (
             spec.family == "task" and spec.protocol in ("fedavg", "local")):
         problems.append(f"'device' {cfg.device!r} / 'precision' {cfg.precision!r}: '{cfg.method}' runs on the CPU in "
