@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 
 from pwff_app.federation.checks import ExampleBounds
 from pwff_app.federation.results import RunRecorder
+from pwff_app.federation.roster import RoundSampler
 from pwff_app.federation.strategy import PartialFedAvg
 from tests.conftest import make_message
 
@@ -30,7 +31,7 @@ def _reply(client_id: int, arrays: ArrayRecord, n: int, server_round: int = 1) -
 
 def _strategy(tmp_path) -> PartialFedAvg:
     # Node 10 + i runs client i (as _reply sends); counts up to 100 examples.
-    s = PartialFedAvg(recorder=RunRecorder(tmp_path, "pftt"), roster={10 + i: i for i in range(10)},
+    s = PartialFedAvg(recorder=RunRecorder(tmp_path, "pftt"), sampler=RoundSampler({10 + i: i for i in range(10)}, 0, 0, 1),
                       example_bounds=ExampleBounds(train=100, evaluate=100))
     s._global = _arrays(0.0)
     return s

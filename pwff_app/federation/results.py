@@ -44,6 +44,7 @@ class RunRecorder:
         self.extra: dict[str, Callable[[int], dict[str, Any]]] = {}
         self._current: dict[int, dict[str, Any]] = {}
         self._events: list[dict[str, Any]] = []
+        self._info: dict[str, Any] = {}
         self._started = time.time()
 
     def client(self, client_id: int, **values: Any) -> None:
@@ -53,6 +54,10 @@ class RunRecorder:
     def event(self, kind: str, **details: Any) -> None:
         """Record a round event such as a rejected or failed reply, with its reason."""
         self._events.append({"kind": kind, **details})
+
+    def round_info(self, **values: Any) -> None:
+        """Record round-level values (e.g. ``sampled``: the client ids the round trains)."""
+        self._info.update(values)
 
     def end_round(self, server_round: int) -> dict[str, Any]:
         clients = {cid: self._current[cid] for cid in sorted(self._current)}
@@ -66,6 +71,7 @@ class RunRecorder:
             "downlink_bytes": sum(c.get("downlink_bytes", 0) for c in clients.values()),
             "events": self._events,
             "elapsed_s": round(time.time() - self._started, 3),
+            **self._info,
         }
         for name, fn in self.extra.items():
             record[name] = fn(server_round)
@@ -73,7 +79,7 @@ class RunRecorder:
         with self.rounds_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         self._print(record)
-        self._current, self._events = {}, []
+        self._current, self._events, self._info = {}, [], {}
         return record
 
     def _print(self, r: dict[str, Any]) -> None:

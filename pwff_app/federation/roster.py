@@ -8,12 +8,19 @@ knows every node's client from the first downlink on: the link keys its fading d
 and a reply whose ``client-id`` is not its node's is rejected as spoofed.
 
 Query messages are a control exchange: they bypass the simulated link, like evaluation.
+
+With ``clients-per-round`` k > 0, each round trains k clients of the roster drawn from
+(seed, round) alone (:class:`RoundSampler`), so a rerun samples alike whatever the node ids.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
+
+import numpy as np
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -87,3 +94,44 @@ def query_roster(grid: Grid, num_clients: int, recorder: RunRecorder | None = No
         raise AllClientsFailed("start-up query: no node answered with a usable client id")
     log(INFO, "roster: %s", {cid: node for node, cid in sorted(roster.items(), key=lambda kv: kv[1])})
     return roster
+
+
+def sample_clients(client_ids: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` of ``client_ids`` without replacement, drawn from (``seed``, ``server_round``) alone, sorted.
+
+    ``k`` = 0 or at least as many as there are: all of them.
+    """
+    ids = sorted(client_ids)
+    if k == 0 or k >= len(ids):
+        return ids
+    return sorted(np.random.default_rng([seed, server_round]).choice(ids, size=k, replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class RoundSampler:
+    """Which nodes take part in a round: ``clients_per_round`` of the roster (0 = all), seeded.
+
+    A round evaluates the clients it trained; the last round (``last_round``) and a baseline
+    evaluation before training (round 0) evaluate every client of the roster, so the final
+    scores cover everyone.
+    """
+
+    roster: Roster
+    clients_per_round: int
+    seed: int
+    last_round: int
+
+    def train_nodes(self, server_round: int) -> set[int]:
+        """The nodes trained in ``server_round`` (counted from the run's start, resumed rounds included)."""
+        chosen = set(sample_clients(self.roster.values(), self.clients_per_round, self.seed, server_round))
+        return {node for node, cid in self.roster.items() if cid in chosen}
+
+    def evaluate_nodes(self, server_round: int) -> set[int]:
+        """The nodes evaluated in ``server_round``: the trained ones; every node in a baseline
+        evaluation (round 0) and in the last round."""
+        everyone = server_round == 0 or server_round >= self.last_round
+        return set(self.roster) if everyone else self.train_nodes(server_round)
+
+    def client_ids(self, nodes: Iterable[int]) -> list[int]:
+        """The sorted client ids of ``nodes``."""
+        return sorted(self.roster[node] for node in nodes)

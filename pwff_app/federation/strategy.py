@@ -32,6 +32,7 @@ from pwff_app.federation.checks import (
 )
 from pwff_app.federation.payload import arrayrecord_payload_bytes, payload_bytes
 from pwff_app.federation.results import RunRecorder
+from pwff_app.federation.roster import RoundSampler
 
 
 class _PartialMixin:
@@ -39,7 +40,8 @@ class _PartialMixin:
 
     Args:
         recorder: where per-client numbers of each round go.
-        roster: node id -> client id, fixed before round 1; only these nodes get messages.
+        sampler: the roster (node id -> client id, fixed before round 1; only these nodes get
+            messages) and which of its nodes each round trains and evaluates.
         example_bounds: the largest ``num-examples`` a train / evaluate reply may claim.
         min_survivors: fewest valid replies needed to update the global weights.
         max_update_norm: L2 bound on a reply's distance from the global weights (0 = off).
@@ -52,12 +54,13 @@ class _PartialMixin:
     #: The :data:`~pwff_app.federation.checks.KINDS` of this family's train and evaluate replies.
     REPLY_KINDS: ClassVar[tuple[str, str]] = ("task/train", "task/evaluate")
 
-    def __init__(self, recorder: RunRecorder, roster: Mapping[int, int], example_bounds: ExampleBounds,
+    def __init__(self, recorder: RunRecorder, sampler: RoundSampler, example_bounds: ExampleBounds,
                  min_survivors: int = 1, max_update_norm: float = 0.0, round_offset: int = 0,
                  checkpoint_meta: dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.recorder = recorder
-        self.roster = dict(roster)
+        self.sampler = sampler
+        self.roster = dict(sampler.roster)
         self.example_bounds = example_bounds
         self.min_survivors = min_survivors
         self.max_update_norm = max_update_norm
@@ -69,21 +72,27 @@ class _PartialMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Flower's train messages (round with offset) for the roster's nodes; remembers the global sent."""
+        """Flower's train messages (round with offset) for the round's sampled nodes; remembers the global sent."""
         self._global = arrays
-        messages = self._to_roster(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        server_round += self.round_offset
+        nodes = self.sampler.train_nodes(server_round)
+        self.recorder.round_info(sampled=self.sampler.client_ids(nodes))
+        messages = self._to(nodes, super().configure_train(server_round, arrays, config, grid))
         self._downlink = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Flower's evaluate messages for the roster's nodes; remembers the global to checkpoint."""
+        """Flower's evaluate messages for the round's nodes; remembers the global to checkpoint."""
         self._aggregated = arrays  # the round's global weights after aggregation
-        return self._to_roster(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        server_round += self.round_offset
+        nodes = self.sampler.evaluate_nodes(server_round)
+        return self._to(nodes, super().configure_evaluate(server_round, arrays, config, grid))
 
-    def _to_roster(self, messages: Iterable[Message]) -> list[Message]:
-        """The messages to nodes of the roster: a node that named no client takes no part."""
-        return [m for m in messages if m.metadata.dst_node_id in self.roster]
+    @staticmethod
+    def _to(nodes: set[int], messages: Iterable[Message]) -> list[Message]:
+        """The messages to ``nodes`` (of the roster): a node that named no client takes no part."""
+        return [m for m in messages if m.metadata.dst_node_id in nodes]
 
     def _envelope_problem(self, msg: Message, server_round: int, train: bool) -> str | None:
         """Records and fields of a reply (:func:`reply_problem`) with this run's roster, round and bound."""
@@ -126,7 +135,7 @@ class _PartialMixin:
         """
         accepted, outcomes = self._screen(replies, lambda msg: self._problem(msg, server_round), "")
         if server_round == self.round_offset + 1:
-            stop_if_all_failed(outcomes, len(self.roster), f"round {server_round}")
+            stop_if_all_failed(outcomes, len(self.sampler.train_nodes(server_round)), f"round {server_round}")
         for msg in accepted:
             content, node = msg.content, msg.metadata.src_node_id
             metrics, info = content[METRICS], content[INFO]

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from pwff_app.config import InstructConfig, RunConfig
 from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.checks import INFO, METRICS, arrays_problem, decode_problem, example_bounds
-from pwff_app.federation.roster import Roster
+from pwff_app.federation.roster import Roster, RoundSampler
 from pwff_app.federation.strategy import _PartialMixin
 from pwff_app.instruct import runtime
 from pwff_app.instruct.client import global_fingerprint
@@ -149,12 +149,14 @@ STRATEGIES: dict[str, type[SparsePartialMixin]] = {
 def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, block_names: Sequence[str],
                   roster: Roster, **kwargs) -> SparsePartialMixin:
     """STRATEGIES[cfg.aggregation.aggregator] with the run's aggregation settings and reply checks
-    (``roster``: node -> client, fixed before round 1); ``kwargs`` go to Flower."""
+    (``roster``: node -> client, fixed before round 1; ``clients-per-round`` of it train a round);
+    ``kwargs`` go to Flower."""
     agg = cfg.aggregation
     extra = {"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}
     return STRATEGIES[agg.aggregator](
         block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=agg.aggregator == "fedavg",
-        lora=icfg.use_lora, recorder=recorder, roster=roster, example_bounds=example_bounds(cfg),
+        lora=icfg.use_lora, recorder=recorder,
+        sampler=RoundSampler(roster, cfg.clients_per_round, cfg.seed, icfg.num_rounds), example_bounds=example_bounds(cfg),
         min_survivors=agg.min_survivors, max_update_norm=agg.max_update_norm, **extra, **kwargs)
 
 

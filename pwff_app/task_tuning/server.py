@@ -12,7 +12,7 @@ from pwff_app.federation.checkpoint import checkpoint_meta
 from pwff_app.federation.checks import example_bounds
 from pwff_app.federation.privacy import with_dp
 from pwff_app.federation.results import RunRecorder
-from pwff_app.federation.roster import Roster
+from pwff_app.federation.roster import Roster, RoundSampler
 from pwff_app.federation.strategy import AGGREGATORS
 from pwff_app.task_tuning.model import count_params, group_params
 from pwff_app.task_tuning.train import build_model_for
@@ -32,11 +32,12 @@ def run_fedavg(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: Array
     initial = resumed or ArrayRecord({k: Array(v) for k, v in group_params(model, spec.shared).items()})
     done = len(recorder.rounds)
     strategy = AGGREGATORS[agg.aggregator](
-        recorder=recorder, roster=roster, example_bounds=example_bounds(cfg), min_survivors=agg.min_survivors,
+        recorder=recorder, sampler=RoundSampler(roster, cfg.clients_per_round, cfg.seed, cfg.task.num_rounds),
+        example_bounds=example_bounds(cfg), min_survivors=agg.min_survivors,
         max_update_norm=agg.max_update_norm, round_offset=done, checkpoint_meta=checkpoint_meta(cfg),
         min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
         **({"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}))
-    strategy, privacy = with_dp(strategy, cfg.dp, cfg.num_clients)
+    strategy, privacy = with_dp(strategy, cfg.dp, cfg.round_size)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.task.num_rounds - done)
     return {
         "num_clients": cfg.num_clients,
