@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pwff_app.experiments import cli, profiles, reproduce, tables
+from pwff_app.experiments import cli, launch, profiles, reproduce, tables
 
 # method -> seed -> (final accuracy, uplink bytes/round, ergodic delay, total energy, per-round acc)
 FAKE = {
@@ -112,8 +112,9 @@ def _key(run_config: str, data_dir: Path | None = None) -> str:
 def _launcher(runs_dir: Path, calls: list[str], fail: tuple[str, ...] = (), key=_key):
     """A stand-in for `flwr run`: writes the run folder with ``key(run_config)``; ``fail`` methods exit 1."""
 
-    def fake_launch(app_dir, run_config, flwr_home, log, data_dir, timeout_s, ports=None):
+    def fake_launch(app_dir, run_config, flwr_home, log, data_dir, timeout_s, ports=None, resources=None):
         calls.append(run_config)
+        assert resources == launch.FEDERATION_CONFIG
         method = run_config.split("method='")[1].split("'")[0]
         seed = int(run_config.split(" seed=")[1].split()[0])
         if method in fail:
@@ -158,8 +159,9 @@ def test_full_profile_is_the_paper():
 def test_cli_reproduce_quick(monkeypatch, tmp_path):
     seen = {}
 
-    def fake(out, profile, seeds, methods, app_dir, data_dir):
-        seen.update(out=out, profile=profile, seeds=seeds, methods=methods, app_dir=app_dir, data_dir=data_dir)
+    def fake(out, profile, seeds, methods, app_dir, data_dir, resources):
+        seen.update(out=out, profile=profile, seeds=seeds, methods=methods, app_dir=app_dir, data_dir=data_dir,
+                    resources=resources)
         return reproduce.ReproduceResult(Path(out))
 
     monkeypatch.setattr(reproduce, "reproduce_pftt", fake)
@@ -167,10 +169,11 @@ def test_cli_reproduce_quick(monkeypatch, tmp_path):
                    "--out", str(tmp_path), "--data-dir", "/data"])
     assert rc == 0
     assert seen == {"out": tmp_path, "profile": "quick", "seeds": [42, 43], "methods": ["pftt", "fedlora"],
-                    "app_dir": None, "data_dir": Path("/data")}
+                    "app_dir": None, "data_dir": Path("/data"), "resources": launch.FEDERATION_CONFIG}
     seen.clear()
-    assert cli.main(["reproduce", "pftt", "--seed-base", "1"]) == 0
+    assert cli.main(["reproduce", "pftt", "--seed-base", "1", "--client-cpus", "2", "--client-gpus", "0.25"]) == 0
     assert seen["profile"] == "full" and seen["seeds"] == [1, 2, 3] and seen["methods"] == list(reproduce.ALL_METHODS)
+    assert seen["resources"] == "num-supernodes=4 client-resources-num-cpus=2 client-resources-num-gpus=0.25"
 
 
 def test_cli_rejects_unknown_method(capsys):

@@ -1,6 +1,7 @@
 """The ``pwff`` command.
 
     pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
+                        [--client-cpus 1] [--client-gpus 0.25]
     pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.main)
 """
 
@@ -34,6 +35,11 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="METHOD", help=f"methods to run (default: all of {' '.join(ALL_METHODS)})")
     f.add_argument("--data-dir", type=Path, default=None,
                    help="local data folder (PWFF_DATA_DIR); default: $PWFF_DATA_DIR or the Hub")
+    f.add_argument("--client-cpus", type=float, default=1, metavar="N",
+                   help="CPU cores per simulated client (Flower's client-resources-num-cpus; default 1)")
+    f.add_argument("--client-gpus", type=float, default=0, metavar="F",
+                   help="share of a GPU per simulated client (client-resources-num-gpus; 0.25 = 4 clients "
+                        "per GPU; default 0)")
     f.add_argument("--aggregate-only", action="store_true",
                    help="run nothing; only rebuild the table and plots from finished runs in --out")
 
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from pwff_app.experiments import reproduce, tables
+    from pwff_app.experiments.launch import federation_config
 
     profile = "quick" if args.quick else "full"
     out = args.out or Path("pwff-reproduce") / f"pftt-{profile}"
@@ -69,7 +76,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print("\n".join(str(p) for p in files))
         return 0
     result = reproduce.reproduce_pftt(out, profile=profile, seeds=seeds, methods=args.methods,
-                                      app_dir=args.app, data_dir=args.data_dir)
+                                      app_dir=args.app, data_dir=args.data_dir,
+                                      resources=federation_config(4, args.client_cpus, args.client_gpus))
     return 1 if result.failed else 0
 
 

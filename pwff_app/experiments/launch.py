@@ -15,7 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-FEDERATION_CONFIG = "num-supernodes=4 client-resources-num-cpus=1"
+def federation_config(num_supernodes: int = 4, client_cpus: float = 1, client_gpus: float = 0) -> str:
+    """Flower's simulation resources: ``client_gpus`` = 0.25 lets four simulated clients share one GPU."""
+    text = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus:g}"
+    return text + (f" client-resources-num-gpus={client_gpus:g}" if client_gpus else "")
+
+
+FEDERATION_CONFIG = federation_config()  # the default job's: 4 clients, 1 CPU each
 
 
 def stop_local_superlink(flwr_home: Path) -> list[int]:
@@ -67,12 +73,14 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def launch_flwr_run(app_dir: Path, run_config: str, flwr_home: Path, log_path: Path,
-                    data_dir: Path | None, timeout_s: float, ports: tuple[int, int] | None = None) -> int:
+                    data_dir: Path | None, timeout_s: float, ports: tuple[int, int] | None = None,
+                    resources: str = FEDERATION_CONFIG) -> int:
     """One ``flwr run <app> --stream`` with a private FLWR_HOME; output goes to ``log_path``.
 
     ``ports`` (SuperLink HTTP API, control API) moves the local SuperLink off Flower's fixed
     127.0.0.1:39091: without it, ``flwr run`` silently submits to whichever local SuperLink
     another user or test already started there (and we could not stop ours safely).
+    ``resources``: the ``--federation-config`` (:func:`federation_config`).
 
     Returns the exit status (124 on timeout; the SuperLink is then stopped so the next run
     starts clean)."""
@@ -84,7 +92,7 @@ def launch_flwr_run(app_dir: Path, run_config: str, flwr_home: Path, log_path: P
         env["PWFF_DATA_DIR"] = str(Path(data_dir).resolve())
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [str(flwr) if flwr.exists() else "flwr", "run", str(Path(app_dir).resolve()), "--stream",
-           "--federation-config", FEDERATION_CONFIG, "--run-config", run_config]
+           "--federation-config", resources, "--run-config", run_config]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     flwr_home.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pwff_app.config import RunConfig, app_defaults
-from pwff_app.experiments.launch import free_ports, launch_flwr_run, log_tail, stop_local_superlink
+from pwff_app.experiments.launch import FEDERATION_CONFIG, free_ports, launch_flwr_run, log_tail, stop_local_superlink
 from pwff_app.experiments.profiles import (ALL_METHODS, PROFILES, RUN_TIMEOUT_S, build_run_config,
                                            profile_header, run_name)
 from pwff_app.experiments.tables import aggregate_runs, find_run_dirs, markdown_table, write_outputs
@@ -98,12 +98,13 @@ def _set_aside(run_dir: Path, stale_dir: Path) -> Path:
 def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence[int] = (42, 43, 44),
             profile: str = "quick", app_dir: Path | None = None, data_dir: Path | None = None,
             launch: Callable[..., int] | None = None, report: Callable[[RunResult], None] | None = None,
-            extra_config: dict[str, Any] | None = None) -> list[RunResult]:
+            extra_config: dict[str, Any] | None = None, resources: str = FEDERATION_CONFIG) -> list[RunResult]:
     """Run every (method, seed) not already finished with this config and code; stop the SuperLink at the end.
 
     A finished run with another ``run_key`` is moved to ``<out>/stale/`` and run again.
     Seeds are the outer loop, so a partial reproduction has every method for the first seeds.
-    ``launch`` defaults to :func:`~pwff_app.experiments.launch.launch_flwr_run` (tests replace it)."""
+    ``launch`` defaults to :func:`~pwff_app.experiments.launch.launch_flwr_run` (tests replace it);
+    ``resources`` is its ``--federation-config`` (:func:`~pwff_app.experiments.launch.federation_config`)."""
     launch = launch or launch_flwr_run
     app_dir = Path(app_dir) if app_dir else APP_DIR
     out_dir = Path(out_dir)
@@ -126,7 +127,7 @@ def run_all(out_dir: Path, methods: Sequence[str] = ALL_METHODS, seeds: Sequence
                         _set_aside(run_dir, out_dir / "stale")
                     t0 = time.time()
                     rc = launch(app_dir, rc_text, flwr_home, log, data_dir, RUN_TIMEOUT_S.get(profile, 3600),
-                                ports=ports)
+                                ports=ports, resources=resources)
                     wall = time.time() - t0
                     got = stored_run_key(run_dir)
                     if rc == 0 and got == key:
@@ -193,7 +194,8 @@ def _reporter() -> Callable[[RunResult], None]:
 
 def reproduce_pftt(out_dir: Path, profile: str = "quick", seeds: Sequence[int] = (42, 43, 44),
                    methods: Sequence[str] = ALL_METHODS, app_dir: Path | None = None,
-                   data_dir: Path | None = None, extra_config: dict[str, Any] | None = None) -> ReproduceResult:
+                   data_dir: Path | None = None, extra_config: dict[str, Any] | None = None,
+                   resources: str = FEDERATION_CONFIG) -> ReproduceResult:
     """Run (resuming) every method x seed, then write the table and plots. The whole Fig. 5."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
@@ -206,7 +208,8 @@ def reproduce_pftt(out_dir: Path, profile: str = "quick", seeds: Sequence[int] =
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[pwff reproduce] profile {profile}: {len(methods)} methods x {len(seeds)} seeds -> {out_dir}", flush=True)
-    runs = run_all(out_dir, methods, seeds, profile, app_dir, data_dir, report=_reporter(), extra_config=extra_config)
+    runs = run_all(out_dir, methods, seeds, profile, app_dir, data_dir, report=_reporter(), extra_config=extra_config,
+                   resources=resources)
     rows, files = tabulate(out_dir, methods, seeds, profile)
     wall = time.time() - t0
     n_failed = sum(r.status == "failed" for r in runs)
