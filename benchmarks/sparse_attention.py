@@ -1,7 +1,7 @@
 """Wall time of dense vs block-sparse attention, forward + backward; prints a table.
 
     python benchmarks/sparse_attention.py                       # CPU, 1 thread, T = 128, 512, 2048
-    python benchmarks/sparse_attention.py --device cuda --repeats 5
+    python benchmarks/sparse_attention.py --device cuda --repeats 5 --json sparse.json
     python benchmarks/sparse_attention.py --padding 0.25        # left-pad every other row by T/4
 
 Random weights with SmolLM2-135M's shapes (hidden 576, 9 heads, 3 KV heads of 64, MLP 1536),
@@ -18,10 +18,12 @@ batch 2, no downloads. Per sequence length T, each forward + backward, the media
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -111,6 +113,11 @@ def _computed_share(seq_len: int, sparsity: float) -> float:
     return pairs / (seq_len * (seq_len + 1) / 2)
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds to 3 significant digits (GPU steps take well under one)."""
+    return f"{seconds * 1e3:.3g} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -119,6 +126,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.4)
     parser.add_argument("--padding", type=float, default=0.0, help="left padding of every other row, share of T")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--json", type=Path, default=None, help="also write the medians (seconds) to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -128,14 +136,19 @@ def main() -> None:
     print("| T | kernel computes (of causal pairs) | attention: SDPA | masked reference | sparse kernel "
           "| kernel vs SDPA | 2 blocks: dense | 2 blocks: sparse | sparse vs dense |")
     print("|---|---|---|---|---|---|---|---|---|")
+    results = []
     for seq_len in args.lengths:
         shape = (2, seq_len, args.sparsity, args.padding, device)
         att = _medians(_attention_steps(*shape), args.repeats, device)
         blocks = _medians(_block_steps(*shape), args.repeats, device)
-        print(f"| {seq_len} | {_computed_share(seq_len, args.sparsity):.2f} | {att['sdpa'] * 1e3:.0f} ms "
-              f"| {att['masked'] * 1e3:.0f} ms | {att['sparse'] * 1e3:.0f} ms | {att['sparse'] / att['sdpa'] - 1:+.0%} "
-              f"| {blocks['dense'] * 1e3:.0f} ms | {blocks['sparse'] * 1e3:.0f} ms "
+        results.append({"seq_len": seq_len, "attention_s": att, "blocks_s": blocks})
+        print(f"| {seq_len} | {_computed_share(seq_len, args.sparsity):.2f} | {_ms(att['sdpa'])} "
+              f"| {_ms(att['masked'])} | {_ms(att['sparse'])} | {att['sparse'] / att['sdpa'] - 1:+.0%} "
+              f"| {_ms(blocks['dense'])} | {_ms(blocks['sparse'])} "
               f"| {blocks['sparse'] / blocks['dense'] - 1:+.0%} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "sparsity": args.sparsity, "padding": args.padding,
+                                         "repeats": args.repeats, "lengths": results}, indent=2))
 
 
 if __name__ == "__main__":
