@@ -32,6 +32,12 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+def placement(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
+    """The (device, dtype) of a ``device`` and a ``precision`` setting."""
+    resolved = resolve_device(device)
+    return resolved, compute_dtype(precision, resolved)
+
+
 def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move ``model`` to ``device``; frozen parameters and buffers in ``dtype``, trainable ones fp32."""
     if dtype != torch.float32:
@@ -49,6 +55,13 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def fork_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Fork the CPU RNG and that of ``device`` (both restored on exit), so seeded draws leave them alone."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from pwff_app.config import RunConfig
+from pwff_app.device import place, placement, to_device
 from pwff_app.task_tuning.data import client_split, make_loader
 from pwff_app.task_tuning.fedbert.model import (
     ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, ClientBottom, SplitConfig,
@@ -57,12 +58,15 @@ _LIVE: dict[tuple[int, int], _Live] = {}
 
 
 @functools.lru_cache(maxsize=2)
-def _bottom_template(model_name: str, train: str, k: int, adapter_size: int, seed: int) -> ClientBottom:
-    return split_model(new_task_model(model_name, train, adapter_size, seed), k)[0]
+def _bottom_template(model_name: str, train: str, k: int, adapter_size: int, seed: int,
+                     device: torch.device, dtype: torch.dtype) -> ClientBottom:
+    bottom = split_model(new_task_model(model_name, train, adapter_size, seed), k)[0]
+    return place(bottom, device, dtype)  # built on the CPU: the same init on every device
 
 
-def _fresh_bottom(cfg: RunConfig, split: SplitConfig) -> ClientBottom:
-    template = _bottom_template(cfg.task.model_name, split.train, split.split_layer, cfg.task.adapter_size, cfg.seed)
+def _fresh_bottom(cfg: RunConfig, split: SplitConfig, device: torch.device, dtype: torch.dtype) -> ClientBottom:
+    template = _bottom_template(cfg.task.model_name, split.train, split.split_layer, cfg.task.adapter_size, cfg.seed,
+                                device, dtype)
     # Frozen tensors are never written: share them between copies instead of copying.
     memo = {id(p): p for p in template.parameters() if not p.requires_grad}
     return copy.deepcopy(template, memo)
@@ -124,9 +128,9 @@ def select_batch(rows: Rows, index: np.ndarray) -> Rows:
 
 
 def activation_record(acts: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> ArrayRecord:
-    """What a client sends for one batch: activations (float32), mask (int8), labels (int64)."""
+    """What a client sends for one batch: activations (float32, whatever the precision), mask (int8), labels (int64)."""
     return ArrayRecord({
-        ACTIVATIONS: Array(np.ascontiguousarray(acts.detach().cpu().numpy().astype(np.float32, copy=False))),
+        ACTIVATIONS: Array(np.ascontiguousarray(acts.detach().to("cpu", torch.float32).numpy())),
         MASK: Array(mask.cpu().numpy().astype(np.int8)),
         LABELS: Array(labels.cpu().numpy().astype(np.int64)),
     })
@@ -170,13 +174,14 @@ def _live_key(context: Context) -> tuple[int, int]:
     return int(context.run_id), int(context.node_id)
 
 
-def _load_live(context: Context, cfg: RunConfig, split: SplitConfig) -> _Live:
+def _load_live(context: Context, cfg: RunConfig, split: SplitConfig, device: torch.device,
+               dtype: torch.dtype) -> _Live:
     meta = context.state.config_records.get(_META)
     token = str(meta["token"]) if meta is not None else ""
     live = _LIVE.pop(_live_key(context), None)  # taken out: put back only after the state is saved
     if live is not None and token and live.token == token:
         return live
-    bottom = _fresh_bottom(cfg, split)
+    bottom = _fresh_bottom(cfg, split, device, dtype)
     saved = context.state.array_records.get(_BOTTOM)
     if saved is not None:
         load_params(bottom, {k: v.numpy() for k, v in saved.items()})
@@ -188,8 +193,8 @@ def _load_live(context: Context, cfg: RunConfig, split: SplitConfig) -> _Live:
             if p.requires_grad and f"m.{name}" in moments:
                 optimizer.state[p] = {
                     "step": adam_step.clone(),
-                    "exp_avg": torch.from_numpy(np.array(moments[f"m.{name}"].numpy())),
-                    "exp_avg_sq": torch.from_numpy(np.array(moments[f"v.{name}"].numpy())),
+                    "exp_avg": torch.from_numpy(np.array(moments[f"m.{name}"].numpy())).to(p.device),
+                    "exp_avg_sq": torch.from_numpy(np.array(moments[f"v.{name}"].numpy())).to(p.device),
                 }
     return _Live(token=token, bottom=bottom, optimizer=optimizer)
 
@@ -203,8 +208,8 @@ def _save_live(context: Context, live: _Live, meta: dict, keep_optimizer: bool) 
         for name, p in live.bottom.named_parameters():
             state = live.optimizer.state.get(p)
             if state:
-                moments[f"m.{name}"] = Array(state["exp_avg"].numpy().copy())
-                moments[f"v.{name}"] = Array(state["exp_avg_sq"].numpy().copy())
+                moments[f"m.{name}"] = Array(state["exp_avg"].cpu().numpy().copy())
+                moments[f"v.{name}"] = Array(state["exp_avg_sq"].cpu().numpy().copy())
                 adam_step = float(state["step"])
     context.state[_OPTIM] = ArrayRecord(moments)
     live.token = uuid.uuid4().hex
@@ -230,6 +235,8 @@ class _Call:
     step: int
     live: _Live
     meta: dict  # the state's meta without token and adam-step (rewritten on save)
+    device: torch.device  # of the bottom and of the batches it runs
+    dtype: torch.dtype  # of its frozen weights and autocast forward
 
     def start_phase(self, phase: str) -> None:
         """Step 0: load the delivered global bottom (if any) and reset meta for ``phase``."""
@@ -253,14 +260,15 @@ def _train(call: _Call, rows: Rows, final: bool) -> tuple[ArrayRecord, dict]:
         if (meta.get("round"), meta.get("phase"), meta.get("next-step")) != (call.server_round, "train", step):
             raise ValueError(f"fedbert: train step {step} of round {call.server_round} out of order "
                              f"(client at {meta})")
-        previous = select_batch(rows, batches[step - 1])
+        previous = to_device(select_batch(rows, batches[step - 1]), call.device)
         live.bottom.train()
         shape = (*previous[0].shape, int(live.bottom.config.hidden_size))
         grad = _incoming_grad(call.msg.content, step - 1, shape)
         if grad is None:  # the gradient did not arrive (lost downlink): that update is dropped
             meta["skipped"] = int(meta["skipped"]) + 1
         else:
-            client_backward(live.bottom, previous, grad, live.optimizer, step_seed(seed, step - 1))
+            client_backward(live.bottom, previous, grad.to(call.device), live.optimizer, step_seed(seed, step - 1),
+                            call.dtype)
     if final:
         call.meta.update({"phase": "done", "next-step": step + 1})
         arrays = ArrayRecord({k: Array(v) for k, v in trained_arrays(live.bottom).items()})
@@ -273,7 +281,7 @@ def _train(call: _Call, rows: Rows, final: bool) -> tuple[ArrayRecord, dict]:
     batch = select_batch(rows, batches[step])
     live.bottom.train()
     with torch.no_grad():
-        acts = client_forward(live.bottom, batch, step_seed(seed, step))
+        acts = client_forward(live.bottom, to_device(batch, call.device), step_seed(seed, step), call.dtype)
     call.meta["next-step"] = step + 1
     _save_live(call.context, live, call.meta, keep_optimizer=True)
     return activation_record(acts, batch[1], batch[2]), {"num-examples": len(batch[2]), "num-steps": len(batches)}
@@ -292,7 +300,7 @@ def _evaluate(call: _Call, rows: Rows) -> tuple[ArrayRecord, dict]:
         batch = select_batch(rows, batches[call.step])
         call.live.bottom.eval()
         with torch.no_grad():
-            acts = client_forward(call.live.bottom, batch)
+            acts = client_forward(call.live.bottom, to_device(batch, call.device), dtype=call.dtype)
         arrays = activation_record(acts, batch[1], batch[2])
         metrics = {"num-examples": len(batch[2]), "num-steps": len(batches)}
     if call.step == 0:
@@ -325,10 +333,11 @@ def handle_split_message(msg: Message, context: Context) -> Message:
     server_round, step = int(config["server-round"]), int(config["step"])
     kind = msg.metadata.message_type.split(".")[0]
     train_rows, test_rows = client_data(cfg, client_id, num_partitions)
-    live = _load_live(context, cfg, split)
+    device, dtype = placement(cfg.device, cfg.precision)
+    live = _load_live(context, cfg, split, device, dtype)
     meta_record = context.state.config_records.get(_META)
     meta = {k: v for k, v in meta_record.items() if k not in ("token", "adam-step")} if meta_record else {}
-    call = _Call(msg, context, cfg, split, client_id, server_round, step, live, meta)
+    call = _Call(msg, context, cfg, split, client_id, server_round, step, live, meta, device, dtype)
 
     if kind == MessageType.TRAIN:
         arrays, metrics = _train(call, train_rows, bool(config.get("final", False)))

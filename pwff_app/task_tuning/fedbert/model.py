@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from pwff_app.config import ConfigError, RunConfig
+from pwff_app.device import autocast, fork_rng
 from pwff_app.methods import MethodSpec
 from pwff_app.task_tuning.data import AG_NEWS_CLASSES
 from pwff_app.task_tuning.model import EncoderClassifier, build_task_model
@@ -220,36 +221,40 @@ def trained_arrays(module: nn.Module) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Fork the CPU RNG and seed it, so the dropout masks of a forward can be drawn again."""
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Fork the RNG of the CPU and of ``device`` and seed it, so the dropout masks of a forward can be drawn again."""
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng(device):
         torch.manual_seed(seed)
         yield
 
 
-def client_forward(bottom: ClientBottom, batch: Sequence[torch.Tensor], seed: int | None = None) -> torch.Tensor:
-    """Activations [B, L, H] of the bottom for ``batch = (input_ids, attention_mask, ...)``.
+def client_forward(bottom: ClientBottom, batch: Sequence[torch.Tensor], seed: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Activations [B, L, H] of the bottom for ``batch = (input_ids, attention_mask, ...)`` on its device.
 
     With ``seed`` the dropout masks are drawn from it, so :func:`client_backward` can redo
-    the very same forward.
+    the very same forward. ``dtype``: of the autocast forward (see :mod:`pwff_app.device`).
     """
-    with _seeded(seed):
+    device = batch[0].device
+    with _seeded(seed, device), autocast(device, dtype):
         return bottom(batch[0], batch[1])
 
 
 def server_step(top: ServerTop, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                optimizer: torch.optim.Optimizer | None) -> tuple[float, torch.Tensor]:
+                optimizer: torch.optim.Optimizer | None, dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
     """Top forward + cross-entropy + backward (+ an optimizer step unless ``optimizer`` is None).
 
-    Returns the mean loss of the batch and the gradient of the loss w.r.t. ``activations``.
+    Tensors on the top's device; ``dtype``: of the autocast forward. Returns the mean loss of the
+    batch and the gradient of the loss w.r.t. ``activations`` (in their dtype).
     """
     acts = activations.detach().requires_grad_(True)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(top(acts, attention_mask), labels)
+    with autocast(acts.device, dtype):
+        loss = nn.functional.cross_entropy(top(acts, attention_mask), labels)
     loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -257,17 +262,18 @@ def server_step(top: ServerTop, activations: torch.Tensor, attention_mask: torch
 
 
 def client_backward(bottom: ClientBottom, batch: Sequence[torch.Tensor], grad: torch.Tensor,
-                    optimizer: torch.optim.Optimizer | None, seed: int | None = None) -> None:
-    """Redo the bottom's forward on ``batch`` (same ``seed``), backpropagate ``grad`` into the
-    bottom's parameters and take an optimizer step (none if ``optimizer`` is None).
+                    optimizer: torch.optim.Optimizer | None, seed: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Redo the bottom's forward on ``batch`` (same ``seed`` and ``dtype``), backpropagate ``grad``
+    into the bottom's parameters and take an optimizer step (none if ``optimizer`` is None).
 
     The forward is recomputed because no autograd graph survives between two messages.
     """
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    out = client_forward(bottom, batch, seed)
+    out = client_forward(bottom, batch, seed, dtype)
     if out.requires_grad:  # an all-frozen bottom (e.g. adapters with k = 0) has nothing to learn
-        out.backward(grad)
+        out.backward(grad.to(out.dtype))
     if optimizer is not None:
         optimizer.step()
 

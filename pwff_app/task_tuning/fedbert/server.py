@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore import log
 
 from pwff_app.config import AggregationConfig, RunConfig
+from pwff_app.device import autocast, place, placement, to_device
 from pwff_app.federation.checks import (
     KINDS, activations_problem, arrays_problem, example_bounds, reply_problem, stop_if_all_failed,
 )
@@ -146,9 +147,11 @@ class SplitServer:
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, roster: Roster) -> None:
         self.cfg, self.recorder, self.roster = cfg, recorder, dict(roster)
         self.split = SplitConfig.from_run_config(cfg)
-        torch.manual_seed(cfg.seed)  # the top's dropout draws
-        model = build_split_model(cfg, self.split)
-        bottom, self.top = split_model(model, self.split.split_layer)
+        self.device, self.dtype = placement(cfg.device, cfg.precision)
+        torch.manual_seed(cfg.seed)  # the top's dropout draws (on every device)
+        model = build_split_model(cfg, self.split)  # on the CPU: the same init on every device
+        bottom, top = split_model(model, self.split.split_layer)
+        self.top = place(top, self.device, self.dtype)
         self.global_bottom = ArrayRecord({k: Array(v) for k, v in trained_arrays(bottom).items()})
         del bottom
         self.hidden = int(self.top.config.hidden_size)
@@ -177,16 +180,16 @@ class SplitServer:
             raise _Failed(f"'num-steps' = {claimed}, expected {known if known is not None else f'1..{bound}'}")
         return claimed
 
-    def _activations(self, reply: Message, num_examples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(activations, mask, labels) of a checked reply; :class:`_Failed` if they are unusable."""
+    def _activations(self, reply: Message, num_examples: int) -> list[torch.Tensor]:
+        """(activations, mask, labels) of a checked reply, on the top's device; :class:`_Failed` if unusable."""
         record = reply.content[ARRAYS]
         problem = activations_problem(record, num_examples, self.hidden, len(AG_NEWS_CLASSES),
                                       self.cfg.task.max_length)
         if problem is not None:
             raise _Failed(problem)
         acts, mask, labels = (record[k].numpy() for k in (ACTIVATIONS, MASK, LABELS))
-        return (torch.from_numpy(np.array(acts, dtype=np.float32)), torch.from_numpy(mask.astype(np.int64)),
-                torch.from_numpy(labels.astype(np.int64)))
+        return to_device([torch.from_numpy(np.array(acts, dtype=np.float32)), torch.from_numpy(mask.astype(np.int64)),
+                          torch.from_numpy(labels.astype(np.int64))], self.device)
 
     # -- one client's training in one round ----------------------------------------------
 
@@ -203,7 +206,7 @@ class SplitServer:
                 if step == 0:
                     arrays = self.global_bottom
                 else:
-                    arrays = ArrayRecord({f"{GRAD_PREFIX}{step - 1}": Array(grad.numpy())})
+                    arrays = ArrayRecord({f"{GRAD_PREFIX}{step - 1}": Array(grad.cpu().numpy())})
                 content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(
                     {"server-round": server_round, "step": step, "final": final})})
                 sent = payload_bytes(content)
@@ -229,7 +232,7 @@ class SplitServer:
                 cr.uplink_activation_bytes += payload_bytes(reply.content)
                 acts, mask, labels = self._activations(reply, int(metrics["num-examples"]))
                 started = time.perf_counter()
-                loss, grad = server_step(self.top, acts, mask, labels, self.optimizer)
+                loss, grad = server_step(self.top, acts, mask, labels, self.optimizer, self.dtype)
                 cr.server_compute_s += time.perf_counter() - started
                 cr.loss_sum += loss * len(labels)
                 cr.seen += len(labels)
@@ -259,8 +262,8 @@ class SplitServer:
                 up += payload_bytes(reply.content)
                 num_steps = self._num_steps(metrics, num_steps, max_steps)
                 acts, mask, labels = self._activations(reply, int(metrics["num-examples"]))
-                with torch.no_grad():
-                    logits = self.top(acts, mask)
+                with torch.no_grad(), autocast(self.device, self.dtype):
+                    logits = self.top(acts, mask).float()
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += len(labels)
