@@ -37,8 +37,9 @@ def test_more_than_the_clients_is_refused():
         RunConfig.from_run_config(run_config(clients_per_round=5))
 
 
-def test_a_sampled_run_trains_only_the_sampled_and_evaluates_everyone_last(tiny_data_dir, tmp_path):
-    rc = tiny_config(tiny_data_dir, tmp_path, run_name="sampled", num_clients=5, clients_per_round=2,
+@pytest.mark.parametrize("method", ["pftt", "fedbert"])
+def test_a_sampled_run_trains_only_the_sampled_and_evaluates_everyone_last(tiny_data_dir, tmp_path, method):
+    rc = tiny_config(tiny_data_dir, tmp_path, run_name="sampled", method=method, num_clients=5, clients_per_round=2,
                      task__num_rounds=2)
     run_server(rc, InProcessGrid(rc, 5))
     rounds = [json.loads(line) for line in (tmp_path / "sampled" / "rounds.jsonl").read_text().splitlines()]

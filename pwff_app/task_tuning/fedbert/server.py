@@ -47,7 +47,7 @@ from pwff_app.federation.checks import (
 )
 from pwff_app.federation.payload import payload_bytes
 from pwff_app.federation.results import RunRecorder
-from pwff_app.federation.roster import Roster
+from pwff_app.federation.roster import Roster, RoundSampler
 from pwff_app.task_tuning.data import AG_NEWS_CLASSES
 from pwff_app.task_tuning.fedbert.model import (
     ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, SplitConfig, build_split_model,
@@ -326,14 +326,18 @@ def aggregate_bottoms(rule: FedAvg, server_round: int,
 def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_rounds: int, roster: Roster) -> None:
     """FedBERT for ``num_rounds`` rounds; per-client records go to ``recorder`` every round.
 
-    ``roster``: node -> client, fixed before round 1; only its nodes take part. ``cfg``
-    holds no ``resume`` (refused for fedbert when the config is read).
+    ``roster``: node -> client, fixed before round 1; only its nodes take part, ``clients-per-round``
+    of them a round (:class:`~pwff_app.federation.roster.RoundSampler`). ``cfg`` holds no
+    ``resume`` (refused for fedbert when the config is read).
     """
     server = SplitServer(cfg, recorder, roster)
-    ranked = sorted(roster, key=roster.__getitem__)  # nodes by client id
-    log(INFO, "fedbert: split after layer %d, train=%s, lr=%g, %d nodes, %d rounds",
-        server.split.split_layer, server.split.train, server.split.lr, len(ranked), num_rounds)
+    sampler = RoundSampler(roster, cfg.clients_per_round, cfg.seed, num_rounds)
+    log(INFO, "fedbert: split after layer %d, train=%s, lr=%g, %d nodes, %d a round, %d rounds",
+        server.split.split_layer, server.split.train, server.split.lr, len(roster), cfg.round_size, num_rounds)
     for server_round in range(1, num_rounds + 1):
+        sampled = sampler.train_nodes(server_round)
+        recorder.round_info(sampled=sampler.client_ids(sampled))
+        ranked = sorted(sampled, key=roster.__getitem__)  # nodes by client id
         # Seeded order over clients, so a rerun with the same seed trains alike.
         order = [ranked[i] for i in np.random.default_rng([cfg.seed, server_round]).permutation(len(ranked))]
         results = []
@@ -349,7 +353,7 @@ def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_ro
         if server_round == 1:
             stop_if_all_failed({cr.node_id: cr.failure for cr in results}, len(ranked), "round 1")
         server.aggregate(server_round, results)
-        for node in ranked:
+        for node in sorted(sampler.evaluate_nodes(server_round), key=roster.__getitem__):
             server.evaluate_client(grid, node, server_round)
         recorder.end_round(server_round)
 
