@@ -10,7 +10,10 @@ As a command (from the repository root, in the app's virtual environment)::
 makes certificates and keys (kept in the work dir and reused), starts the SuperLink, registers
 the SuperNodes' keys, starts the SuperNodes, runs ``flwr run`` and stops every process it started.
 ``--keep-up`` leaves the federation running until Ctrl-C so you can ``flwr run`` against it
-yourself (the connection is printed). From Python (what ``tests/test_deploy.py`` does)::
+yourself (the connection is printed). ``--isolation process`` starts each SuperNode with
+``--isolation process`` and one long-lived ClientApp runner beside it (``deploy/warm_clientapp.py``,
+through ``start-supernode.sh --warm-clientapp``) instead of a fresh ``flwr-clientapp`` process per
+message; it is stopped with everything else. From Python (what ``tests/test_deploy.py`` does)::
 
     with LocalCluster(workdir, num_nodes=2, data_dir=...) as cluster:
         cluster.prepare()
@@ -44,6 +47,10 @@ from pwff_app.experiments.launch import free_ports
 DEPLOY_DIR = Path(__file__).resolve().parent
 APP_DIR = DEPLOY_DIR.parent
 CONNECTION = "pwff-local"
+# subprocess: Flower's default, a fresh flwr-clientapp process per message (spawned by the
+# SuperNode's SuperExec). process: the SuperNode runs --isolation process and one long-lived
+# ClientApp runner per SuperNode (deploy/warm_clientapp.py) serves all its messages.
+ISOLATIONS = ("subprocess", "process")
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -164,7 +171,11 @@ class LocalCluster:
 
     def __init__(self, workdir: Path | str, num_nodes: int = 2, *, app_dir: Path | str = APP_DIR,
                  data_dir: Path | str | None = None, host: str = "127.0.0.1",
-                 connection: str = CONNECTION, env: dict[str, str] | None = None) -> None:
+                 connection: str = CONNECTION, env: dict[str, str] | None = None,
+                 isolation: str = "subprocess") -> None:
+        if isolation not in ISOLATIONS:
+            raise ClusterError(f"isolation must be one of {ISOLATIONS}, not {isolation!r}")
+        self.isolation = isolation
         self.workdir = Path(workdir).resolve()
         self.num_nodes = num_nodes
         self.app_dir = Path(app_dir).resolve()
@@ -261,8 +272,14 @@ class LocalCluster:
 
     def start_supernode(self, partition_id: int, *, key: Path | None = None, num_partitions: int | None = None,
                         name: str | None = None, state_dir: Path | None = None,
-                        extra: list[str] | None = None) -> Proc:
-        """Start a SuperNode through start-supernode.sh (does not wait for it to connect)."""
+                        extra: list[str] | None = None, isolation: str | None = None) -> Proc:
+        """Start a SuperNode through start-supernode.sh (does not wait for it to connect).
+
+        ``isolation`` overrides the cluster's for this node (``"process"``: ``--warm-clientapp``).
+        """
+        isolation = isolation or self.isolation
+        if isolation not in ISOLATIONS:
+            raise ClusterError(f"isolation must be one of {ISOLATIONS}, not {isolation!r}")
         name = name or f"supernode-{partition_id}"
         old = self.supernodes.get(name)
         if old is not None and old.poll() is None:
@@ -272,7 +289,7 @@ class LocalCluster:
                str(num_partitions or self.num_nodes), "--superlink", self.address,
                "--ca", str(self.certs / "ca.crt"), "--key", str(key or self.key(partition_id)),
                "--port", str(port), "--state-dir", str(state_dir or self.state_dir(partition_id)),
-               *(extra or [])]
+               *(["--warm-clientapp"] if isolation == "process" else []), *(extra or [])]
         env = {**self.env, "FLWR_HOME": str(self.workdir / name)}
         proc = self._spawn(name, cmd, env)
         self.supernodes[name] = proc
@@ -372,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-up", action="store_true",
                         help="after the run (or instead of it) keep the federation up until Ctrl-C")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for the run (default 3600)")
+    parser.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",
+                        help="subprocess (Flower's default): a fresh ClientApp process per message; "
+                             "process: one long-lived ClientApp runner per SuperNode "
+                             "(deploy/warm_clientapp.py), imports and model caches kept across messages")
     args = parser.parse_args(argv)
     if args.run_config is None and not args.keep_up:
         parser.error("give --run-config, --keep-up, or both")
@@ -379,14 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. from a job runner) takes the same path as Ctrl-C: the finally below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
-    cluster = LocalCluster(args.workdir, args.nodes, app_dir=args.app, data_dir=args.data_dir or None)
+    cluster = LocalCluster(args.workdir, args.nodes, app_dir=args.app, data_dir=args.data_dir or None,
+                           isolation=args.isolation)
     try:
         cluster.prepare()
         cluster.start_superlink()
         print(f"SuperLink on {cluster.address} (logs in {cluster.logs})", flush=True)
         cluster.register(cluster.public_keys())
         cluster.start_supernodes()
-        print(f"{args.nodes} SuperNodes connected", flush=True)
+        print(f"{args.nodes} SuperNodes connected (isolation: {args.isolation})", flush=True)
         rc = 0
         if args.run_config is not None:
             run_config = args.run_config

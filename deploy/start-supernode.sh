@@ -3,7 +3,7 @@
 #
 # Usage: deploy/start-supernode.sh ID N --superlink HOST:PORT --ca CA_CRT --key KEY
 #                                  [--port P] [--state-dir DIR] [--resource-level L] [--insecure]
-#                                  [--max-retries K] [--max-wait-time S] [-- EXTRA...]
+#                                  [--max-retries K] [--max-wait-time S] [--warm-clientapp] [-- EXTRA...]
 #
 #   ID                 this node's partition id, 0 .. N-1 (which data partition and client id it is)
 #   N                  number of partitions = the app's `num-clients`
@@ -19,6 +19,14 @@
 #                      for apps that read it
 #   --insecure         no TLS and no authentication (only against a SuperLink started --insecure)
 #   --max-retries K, --max-wait-time S   give up connecting after K tries / S seconds (default: never)
+#   --warm-clientapp   (or PWFF_WARM_CLIENTAPP=1) run the SuperNode with `--isolation process` and,
+#                      beside it, one long-lived ClientApp runner (deploy/warm_clientapp.py) that
+#                      serves every message in the same process: no new process, torch import and
+#                      model load per message. The script then stays in the foreground as their
+#                      parent: when either exits, the other is stopped and the script exits with
+#                      the first one's status. See docs/deploy.md, "Per-message start-up".
+#                      PWFF_WARM_PRELOAD (default torch,transformers): modules the runner imports
+#                      before the first message ("" for none).
 #   -- EXTRA...        passed to flower-supernode unchanged
 #
 # Environment: PWFF_DATA_DIR (local data folder; otherwise the Hugging Face Hub), HF_HUB_OFFLINE, FLWR_HOME.
@@ -33,6 +41,7 @@ id="$1" n="$2"; shift 2
 [[ "$id" =~ ^[0-9]+$ && "$n" =~ ^[0-9]+$ && "$id" -lt "$n" ]] || { echo "start-supernode.sh: need 0 <= ID < N" >&2; exit 2; }
 
 superlink="" ca="" key="" port="" state_dir="" level="" insecure=0 retries="" wait_time=""
+warm="${PWFF_WARM_CLIENTAPP:-0}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink="$2"; shift 2 ;;
@@ -44,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     --insecure) insecure=1; shift ;;
     --max-retries) retries="$2"; shift 2 ;;
     --max-wait-time) wait_time="$2"; shift 2 ;;
+    --warm-clientapp) warm=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) echo "start-supernode.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -71,4 +81,23 @@ if [[ -n "$retries" ]]; then args+=(--max-retries "$retries"); fi
 if [[ -n "$wait_time" ]]; then args+=(--max-wait-time "$wait_time"); fi
 
 export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
-exec flower-supernode "${args[@]}" "$@"
+if [[ "$warm" != 1 ]]; then
+  exec flower-supernode "${args[@]}" "$@"
+fi
+
+# Warm ClientApp: the SuperNode spawns no SuperExec (--isolation process); the runner claims its
+# tasks on the local Runtime API (plain HTTP on 127.0.0.1:PORT, Flower's default for it).
+flower-supernode "${args[@]}" --isolation process "$@" &
+sn=$!
+python "$(dirname "$0")/warm_clientapp.py" --runtime-api-address "127.0.0.1:$port" --insecure \
+  --parent-pid "$sn" --preload "${PWFF_WARM_PRELOAD-torch,transformers}" &
+runner=$!
+stop_both() { kill -TERM "$sn" "$runner" 2>/dev/null || true; }
+trap 'stop_both; wait; exit 143' TERM
+trap 'stop_both; wait; exit 130' INT
+set +e
+wait -n "$sn" "$runner"
+rc=$?
+stop_both
+wait
+exit "$rc"
