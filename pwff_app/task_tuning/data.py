@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pwff_app.config import RunConfig
 from pwff_app.sources import DataNotFoundError, encoder_path, hub_dataset
+from pwff_app.task_tuning.model import load_tokenizer
 
 # Worker logs would drown in per-call progress bars of small data-set operations.
 disable_progress_bars()
@@ -35,8 +36,8 @@ _TRAIN_FILE = Path("ag_news") / "noisyag_samples10000valMed.csv"
 _TEST_FILE = Path("ag_news") / "test.csv"
 
 
-__all__ = ["AG_NEWS_CLASSES", "DataNotFoundError", "client_split", "label_distribution", "label_skew",
-           "load_ag_news", "make_loader", "preflight"]
+__all__ = ["AG_NEWS_CLASSES", "DataNotFoundError", "batches", "client_rows", "client_split", "label_distribution",
+           "label_skew", "load_ag_news", "make_loader", "preflight", "tokenize"]
 
 
 def _read_local(data_dir: Path) -> tuple[Dataset, Dataset]:
@@ -138,11 +139,38 @@ def label_skew(distributions: list[np.ndarray]) -> float:
     return float(np.mean([0.5 * np.abs(d - mean).sum() for d in distributions]))
 
 
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
+    """``(input_ids, attention_mask, labels)`` of every row, padded to the longest row (at most ``max_length``)."""
+    enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length, padding=True,
+                    return_tensors="pt")
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(ds["label"]))
+
+
+def batches(rows: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches of tokenized rows; a shuffled order is drawn from a fresh generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
 def make_loader(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int,
                 shuffle: bool, seed: int = 0) -> DataLoader:
     """Tokenize once (padding to the longest row, at most ``max_length``) and batch."""
-    enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length, padding=True,
-                    return_tensors="pt")
-    tensors = TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(ds["label"]))
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(tensors, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return batches(tokenize(ds, tokenizer, max_length), batch_size, shuffle, seed)
+
+
+@functools.lru_cache(maxsize=1024)
+def client_rows(data_dir: Path | None, dataset_id: str, tokenizer_name: str, partition_id: int,
+                num_partitions: int, alpha: float, seed: int, max_train: int, max_test: int,
+                max_length: int) -> tuple[TensorDataset, TensorDataset]:
+    """One client's train and test rows (:func:`client_split`), tokenized once per worker process.
+
+    Keyed by everything that defines the rows, so a worker serving many clients or runs keeps
+    them apart; batch size and order are not part of it (:func:`batches` applies them per
+    message). Callers must not write into the tensors. Memory: the clients of one partitioning
+    hold disjoint rows, so their entries together are at most the tokenized data set (rows x
+    ``max_length`` x 16 bytes: 18 MB for the local AG News files at 64 tokens, whatever the
+    number of clients); at most 1024 entries are kept.
+    """
+    train, test = client_split(data_dir, dataset_id, partition_id, num_partitions, alpha, seed, max_train, max_test)
+    tokenizer = load_tokenizer(tokenizer_name)
+    return tokenize(train, tokenizer, max_length), tokenize(test, tokenizer, max_length)

@@ -19,6 +19,7 @@ import copy
 import functools
 import math
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -175,8 +176,8 @@ def group_params(model: nn.Module, groups: frozenset[str] | set[str]) -> dict[st
     }
 
 
-def load_params(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Copy named arrays into the model; every name must exist with the same shape."""
+def load_params(model: nn.Module, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+    """Copy named arrays (numpy or torch, any device) into the model; every name must exist with the same shape."""
     params = dict(model.named_parameters())
     for name, value in arrays.items():
         if name not in params:
@@ -185,7 +186,7 @@ def load_params(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
             raise ValueError(f"{name}: shape {tuple(value.shape)} != model {tuple(params[name].shape)}")
     with torch.no_grad():
         for name, value in arrays.items():
-            params[name].copy_(torch.from_numpy(np.asarray(value)))
+            params[name].copy_(torch.as_tensor(value))
 
 
 def count_params(model: nn.Module, groups: frozenset[str] | set[str]) -> int:

@@ -6,6 +6,7 @@ knows models, data and the method's spec.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -16,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from pwff_app.config import RunConfig
 from pwff_app.device import autocast, compute_dtype, place, resolve_device, to_device
-from pwff_app.task_tuning.data import AG_NEWS_CLASSES, client_split, make_loader
+from pwff_app.task_tuning.data import AG_NEWS_CLASSES, batches, client_rows
 from pwff_app.methods import METHODS, MethodSpec
-from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_tokenizer
+from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_params
 
 
 @dataclass
@@ -41,19 +42,49 @@ def build_model_for(cfg: RunConfig, client_id: int | None) -> EncoderClassifier:
     level = 1.0 if client_id is None else cfg.task.resource_level(client_id)
     model = build_task_model(cfg.task.model_name, spec, len(AG_NEWS_CLASSES), cfg.task.adapter_size,
                              cfg.task.lora_rank, cfg.task.lora_alpha, level, cfg.seed)
-    if client_id is not None and "lora" in spec.private:
-        # Private LoRA starts from a client-specific draw: the LoRA A init is random.
-        _reinit_lora(model, seed=cfg.seed * 1000 + client_id)
+    if client_id is not None:
+        load_params(model, _client_lora_init(model, spec, cfg.seed, client_id))
     return model
 
 
-def _reinit_lora(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                bound = 1.0 / np.sqrt(p.shape[1])
-                p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=generator))
+def _client_lora_init(model: nn.Module, spec: MethodSpec, seed: int, client_id: int) -> dict[str, torch.Tensor]:
+    """A private LoRA's A matrices drawn for one client (the LoRA A init is random); none when LoRA is not private."""
+    if "lora" not in spec.private:
+        return {}
+    generator = torch.Generator().manual_seed(seed * 1000 + client_id)
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            bound = 1.0 / np.sqrt(p.shape[1])
+            out[name] = torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=generator)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _built_model(model_name: str, method: str, adapter_size: int, lora_rank: int, lora_alpha: int, level: float,
+                 seed: int, device: torch.device, dtype: torch.dtype) -> tuple[EncoderClassifier, dict[str, torch.Tensor]]:
+    """A placed model as :func:`build_task_model` makes it, and copies of its trainable parameters then."""
+    model = place(build_task_model(model_name, METHODS[method], len(AG_NEWS_CLASSES), adapter_size, lora_rank,
+                                   lora_alpha, level, seed), device, dtype)
+    return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def client_model(cfg: RunConfig, client_id: int, device: torch.device, dtype: torch.dtype) -> EncoderClassifier:
+    """What ``place(build_model_for(cfg, client_id), device, dtype)`` gives, built once per worker process.
+
+    One model per key (model name, method, adapter size, LoRA rank and alpha, resource level, seed,
+    device, precision) is kept, at most four per process (each about the encoder's size), so
+    clients of one resource level share it. On every call each trainable parameter is reset to
+    its built value (and a private LoRA to this client's draw) and gradients are dropped; frozen
+    parameters are never written by training, loading or evaluation. The model is therefore only
+    valid until the next call in the process: a worker handles one message at a time.
+    """
+    spec, t = METHODS[cfg.method], cfg.task
+    model, initial = _built_model(t.model_name, cfg.method, t.adapter_size, t.lora_rank, t.lora_alpha,
+                                  t.resource_level(client_id), cfg.seed, device, dtype)
+    load_params(model, {**initial, **_client_lora_init(model, spec, cfg.seed, client_id)})
+    model.zero_grad(set_to_none=True)
+    return model
 
 
 def round_seed(seed: int, client_id: int, server_round: int) -> int:
@@ -62,23 +93,25 @@ def round_seed(seed: int, client_id: int, server_round: int) -> int:
 
 
 def load_client_task(cfg: RunConfig, client_id: int, num_partitions: int, server_round: int = 1) -> ClientTask:
-    """The client's model (fresh: private/global state is loaded by the caller) and data.
+    """The client's model (as built: private/global state is loaded by the caller) and data.
 
-    Batch order and dropout are drawn from :func:`round_seed`, so a round repeated after a
-    restart or a resume does exactly what it did the first time.
+    The model and the tokenized rows are cached per worker process (:func:`client_model`,
+    :func:`~pwff_app.task_tuning.data.client_rows`); the loaders are new each call. Batch order
+    and dropout are drawn from :func:`round_seed`, so a round repeated after a restart or a
+    resume does exactly what it did the first time, whatever the caches held.
     """
-    torch.manual_seed(round_seed(cfg.seed, client_id, server_round))
-    train, test = client_split(cfg.data_dir, cfg.task.dataset, client_id, num_partitions, cfg.task.alpha,
-                               cfg.seed, cfg.task.max_train_samples, cfg.task.max_test_samples)
-    tokenizer = load_tokenizer(cfg.task.model_name)
+    seed = round_seed(cfg.seed, client_id, server_round)
+    torch.manual_seed(seed)
+    t = cfg.task
+    train, test = client_rows(cfg.data_dir, t.dataset, t.model_name, client_id, num_partitions, t.alpha, cfg.seed,
+                              t.max_train_samples, t.max_test_samples, t.max_length)
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.precision, device)
     return ClientTask(
-        model=place(build_model_for(cfg, client_id), device, dtype),  # built on the CPU: same init everywhere
+        model=client_model(cfg, client_id, device, dtype),
         spec=METHODS[cfg.method],
-        train_loader=make_loader(train, tokenizer, cfg.task.max_length, cfg.task.batch_size, shuffle=True,
-                                 seed=round_seed(cfg.seed, client_id, server_round)),
-        test_loader=make_loader(test, tokenizer, cfg.task.max_length, 2 * cfg.task.batch_size, shuffle=False),
+        train_loader=batches(train, t.batch_size, shuffle=True, seed=seed),
+        test_loader=batches(test, 2 * t.batch_size, shuffle=False),
         num_train=len(train),
         num_test=len(test),
         device=device,
