@@ -6,13 +6,16 @@ starts a fresh ClientApp process that imports torch):
 
 1. run 1: one PFTT round through ``flwr run``;
 2. an unregistered SuperNode (a third key, never registered) is refused, within a bounded wait;
-3. SuperNode 0 is restarted (new process, same key and ``state-dir``);
+3. SuperNode 0 is restarted (new process, same key and ``state-dir``), now with
+   ``--isolation process`` and the long-lived ClientApp runner (``deploy/warm_clientapp.py``);
 4. run 2: the same run resumed to round 2 with a vanishing learning rate, so the private weights
    a node ends round 2 with are exactly the ones it starts from: they must equal, bit for bit,
-   what it wrote after round 1 — before its restart.
+   what it wrote after round 1 — before its restart. Node 0's messages (query, train, evaluate)
+   all run in the one warm runner process; node 1 stays on Flower's process per message.
 
 Skip with ``PWFF_SKIP_DEPLOY=1``. Data: ``$PWFF_DATA_DIR`` if it holds ``ag_news``, else a
-synthetic folder. About 2–3 minutes on 2 cores.
+synthetic folder. About 2–3 minutes on 2 cores (the restarted node's runner adds a few seconds:
+it imports torch once at start).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -99,12 +103,13 @@ def test_real_deployment_tls_node_auth(tmp_path):
         assert "SuperNode ID:" not in log, log[-2000:]
         assert "No SuperNode found with the given public key" in cluster.superlink.log_text()
 
-        # 3. Restart SuperNode 0: a new process, same key, same state-dir.
+        # 3. Restart SuperNode 0: a new process, same key, same state-dir; warm ClientApp runner.
         states = [cluster.state_dir(i) for i in range(2)]
         digests = {i: _sha256(s / "private-00001.npz") for i, s in enumerate(states)}
         old_pid = cluster.supernodes["supernode-0"].pid
         cluster.stop_supernode("supernode-0")
-        restarted = cluster.start_supernode(0)
+        log_before = len(cluster.supernodes["supernode-0"].log_text())
+        restarted = cluster.start_supernode(0, isolation="process")
         assert restarted.pid != old_pid
         cluster.wait_connected([restarted])
 
@@ -114,6 +119,12 @@ def test_real_deployment_tls_node_auth(tmp_path):
         out2 = run2.stdout
         assert run2.returncode == 0, out2[-4000:]
         assert "[pwff] resuming" in out2 and out2.count("[pwff] round") == 1, out2[-4000:]
+        # Node 0 served run 2 from its one runner process: no flwr-clientapp was started for it.
+        log0 = restarted.log_text()[log_before:]
+        served = re.findall(r"\[warm-clientapp\] task \d+ \((\w+)\) (\w+) in", log0)
+        assert sorted(served) == [("evaluate", "completed"), ("query", "completed"),
+                                  ("train", "completed")], log0[-3000:]
+        assert "Start `flwr-clientapp` process" not in log0, log0[-3000:]
     finally:
         cluster.close()
         elapsed = time.monotonic() - t0
