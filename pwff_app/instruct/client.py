@@ -28,6 +28,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pwff_app.config import InstructConfig, RunConfig
+from pwff_app.device import placement
 from pwff_app.federation.state import PrivateStore
 from pwff_app.instruct import runtime
 from pwff_app.instruct.policy import PolicyWithValue, load_trainable_state, trainable_state
@@ -99,23 +100,26 @@ def _check_global(incoming: Mapping[str, np.ndarray], bundle: runtime.Bundle, me
                          f"({len(incoming)} keys, expected {len(expected)})")
 
 
-def _setup(msg: Message, context: Context) -> tuple[str, int, InstructConfig, tuple[int, int, int], Any, runtime.Bundle]:
-    """What both handlers need: method, seed, config, (client, clients, round), data dir, models."""
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, InstructConfig, tuple[int, int, int], runtime.Bundle]:
+    """What both handlers need: run config, the method's instruct config, (client, clients, round),
+    the models on the run's device."""
     run_cfg = RunConfig.from_run_config(context.run_config)
     cfg = run_cfg.instruct.for_method(run_cfg.method)
-    return (run_cfg.method, run_cfg.seed, cfg, _ids(msg, context), run_cfg.data_dir,
-            runtime.get_bundle(cfg.policy_name, cfg.bundle_lora_rank))
+    bundle = runtime.get_bundle(cfg.policy_name, cfg.bundle_lora_rank, *placement(run_cfg.device, run_cfg.precision))
+    return run_cfg, cfg, _ids(msg, context), bundle
 
 
 def handle_pfit_train(msg: Message, context: Context) -> Message:
     """One PFIT round on a client (see the module docstring)."""
     started = time.perf_counter()
-    method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
+    run_cfg, cfg, (client_id, num_clients, server_round), bundle = _setup(msg, context)
+    method, seed, data_dir = run_cfg.method, run_cfg.seed, run_cfg.data_dir
     lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
 
     incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     _check_global(incoming, bundle, method)
-    global_params = {k: torch.from_numpy(np.array(v)) for k, v in incoming.items()}
+    global_cpu = {k: torch.from_numpy(np.array(v)) for k, v in incoming.items()}
+    global_params = {k: v.to(bundle.device) for k, v in global_cpu.items()}  # the proximal term's anchor
     store = PrivateStore(context, client_id)
     private = store.load(upto_round=server_round - 1)
     # PFIT keeps a personalised local model per client (paper IV-C): it continues from it and the
@@ -129,7 +133,7 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     enable_sparse_attention(lm, bundle.blocks, s)
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
     m_seed = mask_seed(seed, client_id, server_round)
-    masks = {} if cfg.use_lora else build_attention_masks(global_params, bundle.blocks, s, cfg.mask_rule, m_seed)
+    masks = {} if cfg.use_lora else build_attention_masks(global_cpu, bundle.blocks, s, cfg.mask_rule, m_seed)
     policy.set_update_masks(masks)
     _restore_value_head(policy, private)
 
@@ -137,7 +141,7 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     optimizer = make_optimizer(policy, ppo)  # fresh each round (see make_optimizer)
     train, _ = client_prompts(data_dir, client_id, num_clients, seed, cfg.eval_prompts, cfg.prompt_dataset)
     records = _round_prompts(train, server_round, cfg.prompts_per_round)
-    rewards = runtime.load_rewards(data_dir, cfg.preference_dataset)
+    rewards = runtime.load_rewards(run_cfg, bundle.device)
     torch.manual_seed(mask_seed(seed, client_id, server_round) + 17)
     attention_pair_counts(lm)  # reset the counters
     totals: dict[str, float] = {}
@@ -149,9 +153,9 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
         chunk = [r for r in step_records for _ in range(cfg.samples_per_prompt)]  # the rollout's row order
         prompts = [format_prompt(r["instruction"], r["input"], tok) for r in step_records]
         batch = generate_rollouts(policy, tok, prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k,
-                                  samples_per_prompt=cfg.samples_per_prompt)
+                                  samples_per_prompt=cfg.samples_per_prompt, dtype=bundle.dtype)
         scores, parts = _score(rewards, cfg, client_id, [_raw_prompt(r) for r in chunk], batch.responses)
-        stats = ppo_step(policy, bundle.ref, batch, scores, ppo, optimizer, global_params)
+        stats = ppo_step(policy, bundle.ref, batch, scores, ppo, optimizer, global_params, bundle.dtype)
         stats["help"] = float(parts["helpfulness"].mean())
         stats["safe"] = float(parts["safety"].mean()) if "safety" in parts else 0.0
         for k, v in stats.items():
@@ -160,8 +164,8 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
 
     trained = trainable_state(lm)
-    keep = {_VALUE_PREFIX + n: p.detach().numpy().copy() for n, p in policy.value_head.named_parameters()}
-    keep.update({_LOCAL_PREFIX + n: v.numpy() for n, v in trained.items()})
+    keep = {_VALUE_PREFIX + n: p.detach().cpu().numpy().copy() for n, p in policy.value_head.named_parameters()}
+    keep.update({_LOCAL_PREFIX + n: v.cpu().numpy() for n, v in trained.items()})
     store.save(keep, server_round)
     packed = pack_sparse(trained, masks)
     content = RecordDict({
@@ -189,7 +193,8 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
 
 def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     """Held-out rewards of this client's personalised local model after the round."""
-    method, seed, cfg, (client_id, num_clients, server_round), data_dir, bundle = _setup(msg, context)
+    run_cfg, cfg, (client_id, num_clients, server_round), bundle = _setup(msg, context)
+    method, seed, data_dir = run_cfg.method, run_cfg.seed, run_cfg.data_dir
     lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
 
     local = _local_model(PrivateStore(context, client_id).load(upto_round=server_round))
@@ -207,12 +212,12 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     prompts = [format_prompt(r["instruction"], r["input"], tok) for r in prompts_held_out]
     torch.manual_seed(cfg.eval_seed)  # the same sampling noise for every client and round
     batch = generate_rollouts(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
-                              samples_per_prompt=cfg.eval_samples)
+                              samples_per_prompt=cfg.eval_samples, dtype=bundle.dtype)
     # KL on the first sample of each prompt: it sums the full-vocabulary KL at every position,
     # so it varies little, and two vocabulary projections per token are not cheap.
     first = batch.select(torch.arange(0, len(batch), cfg.eval_samples))
-    kl = float(exact_sequence_kl(policy, bundle.ref, first, cfg.temperature).mean())
-    rewards = runtime.load_rewards(data_dir, cfg.preference_dataset)
+    kl = float(exact_sequence_kl(policy, bundle.ref, first, cfg.temperature, dtype=bundle.dtype).mean())
+    rewards = runtime.load_rewards(run_cfg, bundle.device)
     parts = rewards.score([_raw_prompt(r) for r in held_out], batch.responses)
     w_help, w_safe = cfg.client_weights(client_id)
     help_, safe = float(parts["helpfulness"].mean()), float(parts["safety"].mean())

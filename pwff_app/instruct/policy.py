@@ -385,11 +385,12 @@ class PolicyWithValue(nn.Module):
         return self.lm.get_output_embeddings()(hidden), self.value_head(hidden).squeeze(-1)
 
     def set_update_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``masks`` (moved to their parameters' device) for :meth:`mask_gradients`."""
         named = dict(self.lm.named_parameters())
         for n, m in masks.items():
             if named[n].shape != m.shape or not named[n].requires_grad:
                 raise ValueError(f"update mask {n}: shape {tuple(m.shape)} vs {tuple(named[n].shape)} or frozen")
-        self.update_masks = {n: m.bool() for n, m in masks.items()}
+        self.update_masks = {n: m.to(named[n].device, torch.bool) for n, m in masks.items()}
 
     def mask_gradients(self) -> None:
         """Zero the gradient outside each update mask (call after backward, before the optimizer)."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from pwff_app.device import autocast
 from pwff_app.instruct.policy import PolicyWithValue, final_hidden, frozen_prefix_blocks, prefix_hidden
 from pwff_app.instruct.rollouts import Rollouts
 
@@ -180,10 +181,10 @@ def _response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, tempera
 def logprobs_and_values(
     policy: PolicyWithValue, batch: Rollouts, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy log-probs and values [B, Lr] of the response tokens (position Lq-1+t predicts y_t)."""
+    """Policy log-probs and values [B, Lr] of the response tokens (position Lq-1+t predicts y_t), float32."""
     first = batch.query_ids.shape[1] - 1
     logits, values = policy(**batch.model_inputs(), first=first, prefix=batch.prefix)
-    return _response_logprobs(logits[:, :-1], batch.response_ids, temperature), values[:, :-1]
+    return _response_logprobs(logits[:, :-1], batch.response_ids, temperature), values[:, :-1].float()
 
 
 @torch.no_grad()
@@ -213,25 +214,25 @@ def with_prefix(policy: PolicyWithValue, batch: Rollouts) -> Rollouts:
 
 @torch.no_grad()
 def exact_sequence_kl(
-    policy: PolicyWithValue, ref_model: PreTrainedModel, batch: Rollouts, temperature: float = 1.0, chunk: int = 8
+    policy: PolicyWithValue, ref_model: PreTrainedModel, batch: Rollouts, temperature: float = 1.0, chunk: int = 8,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """KL [B] summed over each response: sum_t KL(pi(.|x, y<t) || pi_ref(.|x, y<t)), in nats.
 
     Exact over the vocabulary at every sampled prefix, so it is never negative and has far less
     variance than the sampled-token estimate :func:`sequence_kl` (which PPO's reward uses).
     Computed ``chunk`` sequences at a time: full [B, T, vocab] logits of two models are large.
+    ``dtype``: of the autocast forwards; the softmax and the sum run in float32.
     """
     out = []
     for start in range(0, len(batch), chunk):
         part = batch.select(torch.arange(start, min(start + chunk, len(batch))))
         first = part.query_ids.shape[1] - 1
         inputs = part.model_inputs()
-        head = policy.lm.get_output_embeddings()
-        logp = torch.log_softmax(head(final_hidden(policy.lm, **inputs, first=first, prefix=part.prefix)[:, :-1]).float()
-                                 / temperature, dim=-1)
-        ref_head = ref_model.get_output_embeddings()
-        logq = torch.log_softmax(ref_head(final_hidden(ref_model, **inputs, first=first, prefix=part.prefix)[:, :-1])
-                                 .float() / temperature, dim=-1)
+        with autocast(part.query_ids.device, dtype):
+            logits = [model.get_output_embeddings()(
+                final_hidden(model, **inputs, first=first, prefix=part.prefix)[:, :-1]) for model in (policy.lm, ref_model)]
+        logp, logq = (torch.log_softmax(x.float() / temperature, dim=-1) for x in logits)
         per_token = (logp.exp() * (logp - logq)).sum(dim=-1)
         out.append((per_token * part.response_mask).sum(dim=1))
     return torch.cat(out)
@@ -256,24 +257,28 @@ def ppo_step(
     cfg: PPOConfig,
     optimizer: torch.optim.Optimizer,
     global_params: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """One PPO update on a rollout batch scored with ``scores`` [B]; returns mean statistics.
 
     Loss per minibatch: policy surrogate + vf_coef * value loss + (mu/2) ||w - w_global||^2
-    (the last only when ``global_params`` is given). Gradients outside the policy's update
-    masks are zeroed before the step. Dropout stays off, so the first epoch's ratio is 1.
+    (the last only when ``global_params``, on the policy's device, is given). Gradients outside
+    the policy's update masks are zeroed before the step. Dropout stays off, so the first
+    epoch's ratio is 1. ``dtype``: of the autocast forwards; log-probs, values, losses and the
+    optimizer step are float32.
     """
     policy.eval()
-    if batch.prefix is None:
-        batch = with_prefix(policy, batch)
+    device = batch.query_ids.device
     mask = batch.response_mask.float()
-    raw_scores = scores.detach().float().flatten()
+    raw_scores = scores.detach().to(device, torch.float32).flatten()
     if cfg.samples_per_prompt > 1:
         k = cfg.samples_per_prompt
         if len(batch) % k or any(len(set(batch.prompts[i:i + k])) != 1 for i in range(0, len(batch), k)):
             raise ValueError(f"samples_per_prompt={k}: rows must come in groups of {k} with one prompt each")
     scores = group_baseline(raw_scores, cfg.samples_per_prompt)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
+        if batch.prefix is None:
+            batch = with_prefix(policy, batch)
         logp_old, values_old = logprobs_and_values(policy, batch, cfg.temperature)
         logp_ref = reference_logprobs(ref_model, batch, cfg.temperature)
         rewards = kl_penalty_rewards(logp_old, logp_ref, mask, cfg.kl_coef, scores)
@@ -287,10 +292,11 @@ def ppo_step(
     steps = 0
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(len(batch)).split(cfg.mini_batch_size):
-            logp, values = logprobs_and_values(policy, batch.select(idx), cfg.temperature)
+            with autocast(device, dtype):
+                logp, values = logprobs_and_values(policy, batch.select(idx), cfg.temperature)
             pg_loss, clipfrac = clipped_surrogate_loss(logp, logp_old[idx], advantages[idx], mask[idx], cfg.clip_eps)
             vf_loss, vf_clipfrac = value_loss(values, values_old[idx], returns[idx], mask[idx], cfg.clip_eps_value)
-            prox = proximal_penalty(lm_params, global_params, cfg.mu) if use_prox else torch.zeros(())
+            prox = proximal_penalty(lm_params, global_params, cfg.mu) if use_prox else torch.zeros((), device=device)
             loss = pg_loss + cfg.vf_coef * vf_loss + prox
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

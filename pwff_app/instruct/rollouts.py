@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from pwff_app.device import autocast
 from pwff_app.instruct.policy import PolicyWithValue, PrefixCache, frozen_prefix_blocks, recording_prefix
 
 
@@ -77,6 +78,7 @@ def generate_rollouts(
     temperature: float = 1.0,
     top_k: int = 0,
     samples_per_prompt: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> Rollouts:
     """Sample ``samples_per_prompt`` responses per prompt (batched, left padding, KV cache).
 
@@ -88,7 +90,8 @@ def generate_rollouts(
     the batch skip the frozen blocks without running them again. Seed torch for reproducibility.
 
     Prompts are full strings (see :func:`pwff_app.instruct.prompts.format_prompt`); a chat template already holds the
-    special tokens, so none are added then.
+    special tokens, so none are added then. The batch lives on the model's device; ``dtype``: of
+    the autocast forward (see :mod:`pwff_app.device`).
     """
     lm = policy.lm if isinstance(policy, PolicyWithValue) else policy
     lm.eval()
@@ -99,9 +102,9 @@ def generate_rollouts(
         list(prompts), return_tensors="pt", padding=True, padding_side="left",
         add_special_tokens=not tokenizer.chat_template,
     )
-    ids, attn = enc["input_ids"], enc["attention_mask"]
+    ids, attn = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
     extra = {}
-    with recording_prefix(lm) as chunks:
+    with recording_prefix(lm) as chunks, autocast(lm.device, dtype):
         if k > 1:
             if ids.shape[1] > 1:  # prefill all but the last prompt token; generate continues from there
                 cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -118,7 +121,7 @@ def generate_rollouts(
             top_k=top_k, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra,
         )
     response, mask = truncate_after_eos(out[:, ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(response.cpu(), skip_special_tokens=True)
     prefix = None
     if chunks:
         # Every position but the last was fed to the model (the last sampled token never is);

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pwff_app.config import RunConfig
+from pwff_app.device import place
 from pwff_app.instruct.policy import (
     PolicyWithValue,
     default_policy,
@@ -27,27 +28,34 @@ from pwff_app.instruct.policy import (
     policy_source,
 )
 from pwff_app.instruct.prompts import ALPACA_FILE, load_alpaca
-from pwff_app.instruct.rewards.data import HH_HUB_ID
 from pwff_app.sources import ModelNotFoundError, check_pretrained, encoder_path
 from pwff_app.instruct.sparse_attention import enable_sparse_attention
 
 N_BLOCKS = 2  # paper: "we only train the last two layers"
 
 
+_CPU = torch.device("cpu")
+
+
 @dataclass
 class Bundle:
     """The models of one (policy, LoRA rank): ``lm`` (trained, wrapped by ``policy`` with its value
-    head), ``ref`` (the frozen pretrained reference), ``tokenizer``, and the trainable ``blocks``."""
+    head), ``ref`` (the frozen pretrained reference), ``tokenizer``, and the trainable ``blocks``;
+    all on ``device``, frozen weights in ``dtype`` (also the autocast dtype), trainable ones fp32."""
 
     lm: Any
     tokenizer: Any
     ref: Any
     policy: PolicyWithValue
     blocks: list[str]
+    device: torch.device = _CPU
+    dtype: torch.dtype = torch.float32
 
 
+# One bundle per (policy, LoRA rank): a call asking for another device or dtype replaces it (a
+# process serves one run, and a second copy of the policy is not wanted on an accelerator).
 _BUNDLES: dict[tuple[str, int], Bundle] = {}
-_REWARDS: dict[str, Any] = {}
+_REWARDS: dict[tuple[str, str, torch.device], Any] = {}
 
 
 def load_base_policy(name: str) -> tuple[Any, Any]:
@@ -66,10 +74,16 @@ def _lora_targets(lm, blocks: Sequence[str]) -> list[str]:
     return names
 
 
-def get_bundle(policy_name: str, lora_rank: int = 0) -> Bundle:
-    """The cached (policy, reference, tokenizer) of this process; trainable state is overwritten per call."""
+def get_bundle(policy_name: str, lora_rank: int = 0, device: torch.device = _CPU,
+               dtype: torch.dtype = torch.float32) -> Bundle:
+    """The cached (policy, reference, tokenizer) of this process on ``device`` with frozen weights in
+    ``dtype``; trainable state is overwritten per call.
+
+    Built on the CPU (the same LoRA init everywhere), then placed (:func:`pwff_app.device.place`).
+    """
     key = (policy_name, lora_rank)
-    if key not in _BUNDLES:
+    cached = _BUNDLES.get(key)
+    if cached is None or (cached.device, cached.dtype) != (device, dtype):
         lm, tok = load_base_policy(policy_name)
         blocks = freeze_all_but_last_blocks(lm, N_BLOCKS)
         enable_sparse_attention(lm, blocks, 0.0)
@@ -84,21 +98,24 @@ def get_bundle(policy_name: str, lora_rank: int = 0) -> Bundle:
             for n, p in lm.named_parameters():
                 p.requires_grad_(".lora_" in n)
         torch.manual_seed(0)
-        _BUNDLES[key] = Bundle(lm, tok, ref, PolicyWithValue(lm), blocks)
+        policy = place(PolicyWithValue(lm), device, dtype)
+        _BUNDLES[key] = Bundle(lm, tok, place(ref, device, dtype), policy, blocks, device, dtype)
     return _BUNDLES[key]
 
 
-def load_rewards(data_dir: Path | None, dataset: str = HH_HUB_ID) -> Any:
-    """The helpfulness + safety reward models (``score(prompts, responses) -> {name: Tensor}``), cached.
+def load_rewards(cfg: RunConfig, device: torch.device) -> Any:
+    """The run's helpfulness + safety reward models (``score(prompts, responses) -> {name: Tensor}``)
+    on ``device`` (in float32), cached per process.
 
-    Trained from HH-RLHF (the data folder's files, else the Hub's ``dataset``) once, then loaded
-    from the reward-model cache. Tests monkeypatch this with a stub scorer.
+    Trained from HH-RLHF (``cfg.data_dir``'s files, else the Hub's ``instruct.preference-dataset``)
+    once, on ``device``, then loaded from the reward-model cache. Tests monkeypatch this with a stub scorer.
     """
-    key = f"{data_dir}|{dataset}"
+    dataset = cfg.instruct.preference_dataset
+    key = (str(cfg.data_dir), dataset, device)
     if key not in _REWARDS:
         from pwff_app.instruct.rewards.cache import default_cache_dir, load_or_train_reward_models
 
-        _REWARDS[key] = load_or_train_reward_models(data_dir, default_cache_dir(), dataset=dataset)
+        _REWARDS[key] = load_or_train_reward_models(cfg.data_dir, default_cache_dir(), dataset=dataset, device=device)
     return _REWARDS[key]
 
 

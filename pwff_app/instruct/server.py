@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from pwff_app.config import InstructConfig, RunConfig
+from pwff_app.device import placement
 from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.checks import INFO, METRICS, arrays_problem, decode_problem, example_bounds
 from pwff_app.federation.roster import Roster, RoundSampler
@@ -180,16 +181,18 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
     node -> client, fixed before round 1.
     """
     icfg = cfg.instruct.for_method(cfg.method)
+    # The clients' placement: in a process shared with clients (simulation) they reuse these models.
+    device, dtype = placement(cfg.device, cfg.precision)
     t0 = time.perf_counter()
-    runtime.load_rewards(cfg.data_dir, icfg.preference_dataset)  # train once here, not in every client at once
+    runtime.load_rewards(cfg, device)  # train once here, not in every client at once
     reward_s = time.perf_counter() - t0
     print(f"[pwff] reward models ready in {reward_s:.1f} s", flush=True)
     t0 = time.perf_counter()
-    bundle = runtime.get_bundle(icfg.policy_name, icfg.bundle_lora_rank)
+    bundle = runtime.get_bundle(icfg.policy_name, icfg.bundle_lora_rank, device, dtype)
     initial_state = trainable_state(bundle.lm)
     print(f"[pwff] policy ready in {time.perf_counter() - t0:.1f} s "
           f"({sum(v.numel() for v in initial_state.values()):,} trainable params shared)", flush=True)
-    initial = ArrayRecord({k: Array(v.numpy()) for k, v in initial_state.items()})
+    initial = ArrayRecord({k: Array(v.cpu().numpy()) for k, v in initial_state.items()})
     strategy = make_strategy(
         cfg, icfg, recorder, bundle.blocks, roster,
         checkpoint_meta={"method": cfg.method, "seed": cfg.seed},

@@ -264,7 +264,7 @@ def enable_sparse_attention(model: nn.Module, block_names: Sequence[str], sparsi
         attn.config = copy.copy(attn.config)
         attn.config._attn_implementation = SPARSE_ATTENTION
         attn.pwff_sparsity = float(sparsity)
-        attn.pwff_pairs = torch.zeros(2, dtype=torch.long)
+        attn.pwff_pairs = torch.zeros(2, dtype=torch.long, device=next(attn.parameters()).device)
         modules.append(attn)
     return modules
 
@@ -313,6 +313,8 @@ def build_attention_masks(
     (server); both must hold the same global values for the masks to agree.
     rule "magnitude": the largest |w_global|; "random": uniform scores from ``seed`` (weights
     ignored, so the mask survives a stale global copy). Ties go to the lower flat index.
+    Computed on the CPU wherever the weights live, as the server does, so client and server
+    agree bit for bit; :meth:`PolicyWithValue.set_update_masks` moves them to the device.
     """
     if rule not in MASK_RULES:
         raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
@@ -320,7 +322,7 @@ def build_attention_masks(
     generator = torch.Generator().manual_seed(seed)
     masks = {}
     for name in sorted(n for n in params if is_attention_param(n, trainable_block_names)):
-        weight = torch.as_tensor(params[name]).detach()
+        weight = torch.as_tensor(params[name]).detach().cpu()
         if rule == "magnitude":
             score = weight.abs().flatten().float()
         else:
@@ -337,7 +339,7 @@ def pack_sparse(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
     packed = {}
     for name in sorted(params):
         tensor = params[name].detach().cpu()
-        packed[name] = (tensor[masks[name]] if name in masks else tensor).numpy().copy()
+        packed[name] = (tensor[masks[name].cpu()] if name in masks else tensor).numpy().copy()
     return packed
 
 

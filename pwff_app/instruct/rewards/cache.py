@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from pwff_app.files import cache_dir, write_atomic, write_json_atomic
@@ -67,7 +68,7 @@ def save_reward_models(models: RewardModels, path: Path) -> None:
 
 
 def load_reward_models(path: Path, config: RewardConfig, encoder: SentenceEncoder) -> RewardModels:
-    """Rebuild the models of ``config`` over ``encoder`` from a file written by save_reward_models."""
+    """Rebuild the models of ``config`` over ``encoder`` (on its device) from a file written by save_reward_models."""
     tensors = load_file(path)
     models = RewardModels(encoder, config)
     for name, model in models.objectives().items():
@@ -95,15 +96,17 @@ def load_or_train_reward_models(
     force: bool = False,
     encoder: SentenceEncoder | None = None,
     dataset: str = HH_HUB_ID,
+    device: torch.device = torch.device("cpu"),
 ) -> RewardModels:
     """The reward models for ``config``: from ``cache_dir`` if trained before, else trained and saved.
 
     HH-RLHF comes from the files under ``data_dir`` when it is set, else from the Hub's ``dataset``.
     The cache entry is ``<cache_dir>/<key>.safetensors`` + ``<key>.json`` (metrics), the key
     covering the config, the encoder and the data (files' or Hub rows' sizes and hashes); ``force`` retrains.
+    The models live, and train, on ``encoder``'s device (default: the encoder loaded on ``device``).
     """
     path = cache_entry(cache_dir, config, data_dir, dataset, encoder)
-    encoder = encoder or load_encoder(config.encoder, config.max_length)
+    encoder = encoder or load_encoder(config.encoder, config.max_length, device)
     if not force and path.is_file() and path.with_suffix(".json").is_file():
         return load_reward_models(path, config, encoder)
     models, _ = train_reward_models(data_dir, config, progress=progress, encoder=encoder, dataset=dataset)

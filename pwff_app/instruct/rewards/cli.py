@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from pwff_app.device import resolve_device
 from pwff_app.instruct.rewards.cache import default_cache_dir, load_or_train_reward_models
 from pwff_app.instruct.rewards.data import HH_HUB_ID
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default=HH_HUB_ID,
                         help=f"Hub id of HH-RLHF, used without a data folder (default: {HH_HUB_ID})")
     parser.add_argument("--cache-dir", default=None, help=f"where trained models go (default: {default_cache_dir()})")
+    parser.add_argument("--device", default="auto",
+                        help="where to encode and train: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached model matches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -30,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     try:
         models = load_or_train_reward_models(args.data_dir or None, cache_dir, progress=not args.quiet,
-                                             force=args.force, dataset=args.dataset)
+                                             force=args.force, dataset=args.dataset,
+                                             device=resolve_device(args.device))
     except FileNotFoundError as err:
         console.print(f"error: {err}")
         return 2

@@ -113,6 +113,11 @@ class SentenceEncoder(nn.Module):
         self.num_layers: int = self.model.config.num_hidden_layers
         self.ident = encoder_ident_for(name)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder runs (and the heads over it live)."""
+        return next(self.model.parameters()).device
+
     def _clip(self, texts: Sequence[str], budgets: Sequence[int], keep_end: bool) -> list[str]:
         """Cut each text to at most ``budget`` tokens, keeping its start or (``keep_end``) its end."""
         offsets = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -168,7 +173,7 @@ class SentenceEncoder(nn.Module):
             seconds = self._clip(seconds, [budget - n for n in first_counts], keep_end=False)
         # Characters track tokens well enough to sort by; batches of similar length pad little.
         order = sorted(range(len(unique)), key=lambda i: len(firsts[i]) + (len(seconds[i]) if seconds else 0))
-        device = next(self.model.parameters()).device
+        device = self.device
         pooled = torch.empty(len(unique), layers * self.dim)
         starts = range(0, len(order), _ENCODE_BATCH)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
@@ -190,9 +195,9 @@ class SentenceEncoder(nn.Module):
 
 
 @functools.lru_cache(maxsize=2)
-def load_encoder(name: str = "", max_length: int = 256) -> SentenceEncoder:
-    """The encoder, loaded once per process (it is the expensive part; all heads share it)."""
-    return SentenceEncoder(name, max_length)
+def load_encoder(name: str = "", max_length: int = 256, device: torch.device = torch.device("cpu")) -> SentenceEncoder:
+    """The encoder on ``device``, loaded once per process and device (it is the expensive part; all heads share it)."""
+    return SentenceEncoder(name, max_length).to(device)
 
 
 def feature_dim(config: RewardConfig, encoder_dim: int) -> int:
@@ -272,7 +277,7 @@ class RewardModel(nn.Module):
 
 
 class RewardModels(nn.Module):
-    """The helpfulness and safety reward models over ONE shared frozen encoder.
+    """The helpfulness and safety reward models over ONE shared frozen encoder, on its device.
 
     ``metrics`` holds what training measured (held-out accuracy, sizes, seconds),
     ``cache_path`` the safetensors file they were saved to / loaded from, and ``from_cache``
@@ -283,8 +288,8 @@ class RewardModels(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.helpfulness = RewardModel(encoder, config)
-        self.safety = RewardModel(encoder, config)
+        self.helpfulness = RewardModel(encoder, config).to(encoder.device)  # built on the CPU, then moved
+        self.safety = RewardModel(encoder, config).to(encoder.device)
         self.metrics: dict = {}
         self.cache_path: Path | None = None
         self.from_cache = False

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pwff_app.device import fork_rng
 from pwff_app.instruct.rewards.data import HH_FILES, HH_HUB_ID, PreferencePair, objective_pairs, split_indices
 from pwff_app.instruct.rewards.model import (
     RewardConfig,
@@ -44,10 +45,10 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
 def _pair_features(
     encoder: SentenceEncoder, config: RewardConfig, pairs: Sequence[PreferencePair], progress: bool, desc: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of the chosen and of the rejected sides, ``[P, D]`` each, in one encoder pass."""
+    """Features of the chosen and of the rejected sides, ``[P, D]`` each, in one encoder pass, on its device."""
     prompts = [p.chosen_prompt for p in pairs] + [p.rejected_prompt for p in pairs]
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    feats = featurize(encoder, config, prompts, responses, progress=progress, desc=desc)
+    feats = featurize(encoder, config, prompts, responses, progress=progress, desc=desc).to(encoder.device)
     return feats[: len(pairs)], feats[len(pairs) :]
 
 
@@ -62,7 +63,8 @@ def fit_reward_model(
     """Train ``model``'s head with the Bradley-Terry loss on precomputed (chosen, rejected) features.
 
     Standardises the features with the training stats first and keeps the epoch with the lowest
-    validation loss. Returns train/val accuracy, the best validation loss and its epoch.
+    validation loss. Features and model on one device. Returns train/val accuracy, the best
+    validation loss and its epoch.
     """
     (f_c, f_r), (v_c, v_r) = train, val
     both = torch.cat([f_c, f_r])
@@ -71,7 +73,7 @@ def fit_reward_model(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the head's matmuls are tiny: more threads cost more than they save
     try:
-        with torch.random.fork_rng():  # seeded init and dropout without touching the global RNG
+        with fork_rng(f_c.device):  # seeded init and dropout without touching the global RNG
             torch.manual_seed(config.seed)
             best_loss, best_epoch = _train_head(model, (f_c, f_r), (v_c, v_r), config, progress, desc)
         model.eval()
@@ -141,17 +143,19 @@ def train_reward_models(
     progress: bool = True,
     encoder: SentenceEncoder | None = None,
     dataset: str = HH_HUB_ID,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[RewardModels, dict]:
     """Train both reward models from HH-RLHF: the files under ``data_dir``, else the Hub's ``dataset``.
 
-    ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``);
-    it should be the one ``config.encoder`` names, with ``config.max_length``.
+    ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``
+    on ``device``); it should be the one ``config.encoder`` names, with ``config.max_length``.
+    Encoding and training run on the encoder's device.
     Returns the models and the metrics: per objective the held-out accuracy (measured once,
     after all choices), train/val accuracy, split sizes and seconds.
     """
     data = {name: objective_pairs(data_dir, name, dataset) for name in HH_FILES}  # fail before loading anything
     started = time.perf_counter()
-    encoder = encoder or load_encoder(config.encoder, config.max_length)
+    encoder = encoder or load_encoder(config.encoder, config.max_length, device)
     models = RewardModels(encoder, config)
     metrics: dict = {"objectives": {}}
     for name, model in models.objectives().items():
