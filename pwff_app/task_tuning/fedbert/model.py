@@ -244,7 +244,8 @@ def client_forward(bottom: ClientBottom, batch: Sequence[torch.Tensor], seed: in
 
 
 def server_step(top: ServerTop, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                optimizer: torch.optim.Optimizer | None, dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
+                optimizer: torch.optim.Optimizer | None,
+                dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
     """Top forward + cross-entropy + backward (+ an optimizer step unless ``optimizer`` is None).
 
     Tensors on the top's device; ``dtype``: of the autocast forward. Returns the mean loss of the
