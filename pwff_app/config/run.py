@@ -155,10 +155,6 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
         problems.append(f"'trim-fraction' {agg.trim_fraction} with {per_round} clients a round trims "
                         f"int({agg.trim_fraction} x {per_round}) = 0 replies per side: use a "
                         f"'trim-fraction' >= {1 / per_round:.3g} (and < 0.5), or more clients a round")
-    if (cfg.device not in ("auto", "cpu") or cfg.precision == "bf16") and not (
-            spec.family == "task" and spec.protocol in ("fedavg", "local")):
-        problems.append(f"'device' {cfg.device!r} / 'precision' {cfg.precision!r}: '{cfg.method}' runs on the CPU in "
-                        f"fp32 for now (only the task family's FedAvg and local methods honour them): use 'auto'")
     default = InstructConfig()
     if cfg.instruct.reward_models == "helpfulness" and cfg.instruct.reward_weights != default.reward_weights:
         problems.append("'instruct.reward-weights' has no effect with 'instruct.reward-models' = 'helpfulness' "
