@@ -2,11 +2,11 @@
 
 ``device``: ``auto`` (CUDA when visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU). In bf16 the frozen
-weights are stored in bf16 and the forward runs under autocast, while trainable parameters
-and their optimizer state stay fp32 (the usual mixed-precision recipe). Models are built and
-initialised on the CPU, so a seed gives the same initial weights on every device; arrays
-leave a client as CPU numpy of the parameters' own dtype (fp32), so the bytes on the air do
-not depend on the device.
+weights are stored in bf16 (layer norms excepted) and the forward runs under autocast, while
+trainable parameters and their optimizer state stay fp32 (the usual mixed-precision recipe).
+Models are built and initialised on the CPU, so a seed gives the same initial weights on every
+device; arrays leave a client as CPU numpy of the parameters' own dtype (fp32), so the bytes
+on the air do not depend on the device.
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ def placement(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
 
 
 def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move ``model`` to ``device``; frozen parameters and buffers in ``dtype``, trainable ones fp32."""
+    """Move ``model`` to ``device``; frozen parameters in ``dtype``, trainable ones and layer norms fp32.
+
+    Layer norms keep fp32 (a tiny share of the weights): CUDA's autocast runs them in fp32
+    anyway, and the CPU's refuses bf16 norm weights on a fp32 input (e.g. FedBERT's activations
+    from the wire).
+    """
     if dtype != torch.float32:
+        norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
         for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point():
+            if not p.requires_grad and p.is_floating_point() and id(p) not in norms:
                 p.data = p.data.to(dtype)
     return model.to(device)
 

@@ -42,11 +42,11 @@ def _float_dtypes(arrays: ArrayRecord) -> set[str]:
 
 
 def _check_placed(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Trainable parameters float32, frozen ones in ``dtype``, all on the CPU."""
-    params = list(model.parameters())
-    assert all(p.device == CPU for p in params)
-    assert all(p.dtype == torch.float32 for p in params if p.requires_grad)
-    assert {p.dtype for p in params if not p.requires_grad} <= {dtype}
+    """On the CPU; frozen parameters in ``dtype``, trainable ones and layer norms float32."""
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    for p in model.parameters():
+        assert p.device == CPU
+        assert p.dtype == (dtype if not p.requires_grad and id(p) not in norms else torch.float32)
 
 
 def _fp32_state(optimizer: torch.optim.Optimizer) -> bool:
@@ -102,9 +102,10 @@ class _Recording(_LocalGrid):
         return ids
 
 
-def _fedbert_round(tiny_data_dir, tmp_path, precision: str) -> tuple[dict, _Recording, SplitServer]:
+def _fedbert_round(tiny_data_dir, tmp_path, train: str, precision: str) -> tuple[dict, _Recording, SplitServer]:
     rc = tiny_config(tiny_data_dir, tmp_path / precision, method="fedbert", num_clients=1, task__batch_size=8,
-                     task__max_train_samples=16, task__max_test_samples=16, device="cpu", precision=precision)
+                     task__max_train_samples=16, task__max_test_samples=16, device="cpu", precision=precision,
+                     fedbert__train=train)
     cfg = RunConfig.from_run_config(rc)
     grid = _Recording(rc, 1)
     server = SplitServer(cfg, RunRecorder(tmp_path / precision / "out", "fedbert"), {10: 0})
@@ -115,17 +116,18 @@ def _fedbert_round(tiny_data_dir, tmp_path, precision: str) -> tuple[dict, _Reco
     return cr.record(), grid, server
 
 
-def test_fedbert_runs_in_fp32_and_bf16_with_the_same_bytes(tiny_data_dir, tmp_path) -> None:
+@pytest.mark.parametrize("train", ["full", "adapter"])  # adapter: the server's frozen layers get fp32 input
+def test_fedbert_runs_in_fp32_and_bf16_with_the_same_bytes(tiny_data_dir, tmp_path, train: str) -> None:
     records = {}
     for precision, dtype in DTYPES.items():
-        records[precision], grid, server = _fedbert_round(tiny_data_dir, tmp_path, precision)
+        records[precision], grid, server = _fedbert_round(tiny_data_dir, tmp_path, train, precision)
         assert grid.dtypes == {"float32"}  # activations, gradients and weights, both ways
         assert (server.device, server.dtype) == (CPU, dtype)
         _check_placed(server.top, dtype)
         assert _fp32_state(server.optimizer)
         bottom = split._LIVE[(7, 10)].bottom  # the client's bottom, kept in its worker
         _check_placed(bottom, dtype)
-        assert bottom.backbone.embeddings.word_embeddings.weight.dtype == dtype  # frozen in "full"
+        assert bottom.backbone.embeddings.word_embeddings.weight.dtype == dtype  # frozen in both modes
     keys = ("uplink_activation_bytes", "uplink_weight_bytes", "downlink_gradient_bytes", "downlink_weight_bytes")
     assert all(records["bf16"][k] == records["fp32"][k] > 0 for k in keys)
 
