@@ -11,26 +11,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from pwff_app.config import RunConfig
 from pwff_app.federation.state import PrivateStore
-from pwff_app.task_tuning.model import count_params, group_params, load_params
-from pwff_app.task_tuning.train import ClientTask, evaluate_model, load_client_task, train_local
+from pwff_app.task_tuning.model import count_params, group_params
+from pwff_app.task_tuning.train import ClientTask, evaluate_model, local_lr, prepared_task, train_local
 
 
 def _prepare(msg: Message, context: Context, private_upto: int) -> tuple[RunConfig, int, int, ClientTask, PrivateStore]:
     cfg = RunConfig.from_run_config(context.run_config)
     client_id, num_partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     server_round = int(msg.content["config"]["server-round"])
-    task = load_client_task(cfg, client_id, num_partitions, server_round)
     store = PrivateStore(context, client_id)
-    private = store.load(upto_round=server_round + private_upto)
-    if private is not None:
-        load_params(task.model, private)
     # The global shared part: exactly the keys this method shares, nothing else.
     incoming = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    expected = set(group_params(task.model, task.spec.shared))
-    if set(incoming) != expected:
-        raise ValueError(f"global arrays do not match the shared set of '{cfg.method}' "
-                         f"({len(incoming)} keys, expected {len(expected)})")
-    load_params(task.model, incoming)
+    task = prepared_task(cfg, client_id, num_partitions, server_round, incoming,
+                         store.load(upto_round=server_round + private_upto))
     return cfg, client_id, server_round, task, store
 
 
@@ -38,8 +31,8 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training; the reply carries exactly the shared arrays."""
     # Round r trains from the private state left by round r - 1.
     cfg, client_id, server_round, task, store = _prepare(msg, context, private_upto=-1)
-    lr = cfg.task.backbone_lr if "backbone" in task.spec.trained else cfg.task.lr
-    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, lr, task.device, task.dtype)
+    stats = train_local(task.model, task.train_loader, cfg.task.local_epochs, local_lr(cfg, task.spec),
+                        task.device, task.dtype)
     store.save(group_params(task.model, task.spec.private), server_round)
     shared = group_params(task.model, task.spec.shared)
     content = RecordDict({

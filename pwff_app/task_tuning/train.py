@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +118,26 @@ def load_client_task(cfg: RunConfig, client_id: int, num_partitions: int, server
         device=device,
         dtype=dtype,
     )
+
+
+def prepared_task(cfg: RunConfig, client_id: int, num_partitions: int, server_round: int,
+                  shared: Mapping[str, np.ndarray], private: Mapping[str, np.ndarray] | None) -> ClientTask:
+    """:func:`load_client_task` with the client's private state (``None``: none yet) and the global
+    shared arrays loaded; ``shared`` must hold exactly the method's shared parameters."""
+    task = load_client_task(cfg, client_id, num_partitions, server_round)
+    if private is not None:
+        load_params(task.model, private)
+    expected = {n for n, _ in task.model.named_parameters() if task.spec.is_shared(n)}
+    if set(shared) != expected:
+        raise ValueError(f"global arrays do not match the shared set of '{cfg.method}' "
+                         f"({len(shared)} keys, expected {len(expected)})")
+    load_params(task.model, shared)
+    return task
+
+
+def local_lr(cfg: RunConfig, spec: MethodSpec) -> float:
+    """The local step size: ``task.backbone-lr`` when the method trains the encoder itself, else ``task.lr``."""
+    return cfg.task.backbone_lr if "backbone" in spec.trained else cfg.task.lr
 
 
 def train_local(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
