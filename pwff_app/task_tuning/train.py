@@ -63,7 +63,8 @@ def _client_lora_init(model: nn.Module, spec: MethodSpec, seed: int, client_id: 
 
 @functools.lru_cache(maxsize=4)
 def _built_model(model_name: str, method: str, adapter_size: int, lora_rank: int, lora_alpha: int, level: float,
-                 seed: int, device: torch.device, dtype: torch.dtype) -> tuple[EncoderClassifier, dict[str, torch.Tensor]]:
+                 seed: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[EncoderClassifier, dict[str, torch.Tensor]]:
     """A placed model as :func:`build_task_model` makes it, and copies of its trainable parameters then."""
     model = place(build_task_model(model_name, METHODS[method], len(AG_NEWS_CLASSES), adapter_size, lora_rank,
                                    lora_alpha, level, seed), device, dtype)
@@ -74,8 +75,9 @@ def client_model(cfg: RunConfig, client_id: int, device: torch.device, dtype: to
     """What ``place(build_model_for(cfg, client_id), device, dtype)`` gives, built once per worker process.
 
     One model per key (model name, method, adapter size, LoRA rank and alpha, resource level, seed,
-    device, precision) is kept, at most four per process (each about the encoder's size), so
-    clients of one resource level share it. On every call each trainable parameter is reset to
+    device, precision) is kept, at most four per process, so clients of one resource level share
+    it; each holds the model and a copy of its trainable parameters (small for PEFT methods, a
+    second encoder for those that train the encoder). On every call each trainable parameter is reset to
     its built value (and a private LoRA to this client's draw) and gradients are dropped; frozen
     parameters are never written by training, loading or evaluation. The model is therefore only
     valid until the next call in the process: a worker handles one message at a time.
