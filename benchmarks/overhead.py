@@ -45,11 +45,13 @@ def flwr_rounds(overrides: dict[str, Any], work: Path, data_dir: Path, timeout_s
     """(a) Seconds of each round of one ``flwr run`` (its local SuperLink stopped afterwards)."""
     home = (work / "flwr-home").resolve()
     log = work / "flwr-run.log"
+    start = time.perf_counter()
     try:
         rc = launch_flwr_run(ROOT, run_config_text(overrides), home, log, data_dir, timeout_s,
                              ports=tuple(free_ports(2)))
     finally:
         stop_local_superlink(home)
+    print(f"(a) flwr run: {time.perf_counter() - start:.1f} s in all, start-up included", flush=True)
     path = Path(overrides["results-dir"]) / overrides["run-name"] / "rounds.jsonl"
     if rc != 0 or not path.exists():
         raise SystemExit(f"flwr run failed (exit {rc}): {log_tail(log)} (log: {log})")
