@@ -305,6 +305,9 @@ class Check:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 step.status, step.reason = "timed out", f"stopped after {limit:.0f} s (budget)"
+            except BaseException:  # interrupted or terminated: the step's processes go too
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
         output = log.read_text(errors="ignore")
         if step.status == "failed":
             step.reason = _last_line(output) or f"exit status {code}"
@@ -580,6 +583,7 @@ def main() -> None:
         prepare(args.assets, args.data_dir)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated check ends its steps too
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (the run config's device)")
     parser.add_argument("--offline", action="store_true", help="in-process, random-init models from --assets")
