@@ -300,3 +300,19 @@ def test_delay_and_latency_tables_show_median_and_p95(fake_out):
     with (fake_out / "comparison.csv").open() as f:
         first = next(csv.DictReader(f))
     assert float(first["p95_uplink_delay_s_mean"]) == 7.0 and float(first["median_round_latency_s_mean"]) == 0.9
+
+
+def test_stopping_a_flwr_home_ends_its_processes_only(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    ours = subprocess.Popen(["sleep", "60"], env={**os.environ, "FLWR_HOME": str(tmp_path.resolve())})
+    other = subprocess.Popen(["sleep", "60"], env={**os.environ, "FLWR_HOME": str(tmp_path / "elsewhere")})
+    try:
+        time.sleep(0.2)
+        assert launch.stop_local_superlink(tmp_path) == [ours.pid]
+        assert ours.wait(timeout=5) == -15 and other.poll() is None
+    finally:
+        ours.kill()
+        other.kill()

@@ -24,28 +24,36 @@ def federation_config(num_supernodes: int = 4, client_cpus: float = 1, client_gp
 FEDERATION_CONFIG = federation_config()  # the default job's: 4 clients, 1 CPU each
 
 
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and every process above it."""
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
+
+
 def stop_local_superlink(flwr_home: Path) -> list[int]:
-    """End the detached local SuperLink (and its SuperExec children) that ``flwr run`` left
-    running for this ``FLWR_HOME``. Matches processes by the FLWR_HOME path in their command
-    line or environment, so other users' SuperLinks are untouched. Returns the PIDs signalled."""
+    """End every process of this ``FLWR_HOME``: the detached local SuperLink that ``flwr run``
+    left running, its SuperExec, and a simulation (with its Ray workers) that outlived a timeout.
+    Matches a SuperLink or SuperExec with the FLWR_HOME path in its command line, and any process
+    with this FLWR_HOME in its environment, so other users' SuperLinks are untouched, and never this process or its parents. Returns the PIDs signalled."""
     home = str(Path(flwr_home).resolve())
-    me = os.getpid()
+    spared = _ancestors(os.getpid())
+    marker = f"FLWR_HOME={home}".encode()
     killed = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
+        if not proc.name.isdigit() or int(proc.name) in spared:
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="ignore")
+            cmdline = (proc / "cmdline").read_bytes()
+            mine = (home.encode() in cmdline and (b"superlink" in cmdline or b"superexec" in cmdline)) or (
+                marker in (proc / "environ").read_bytes())
         except OSError:
             continue
-        if "superlink" not in cmdline and "superexec" not in cmdline:
-            continue
-        mine = home in cmdline
-        if not mine:
-            try:
-                mine = f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes()
-            except OSError:
-                mine = False
         if mine:
             try:
                 os.kill(int(proc.name), signal.SIGTERM)
