@@ -48,7 +48,7 @@ def run_memory_kib(flwr_home: Path) -> tuple[int, int, int]:
         if not proc.name.isdigit():
             continue
         try:
-            if marker not in (proc / "environ").read_bytes():
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
             pss += _kib((proc / "smaps_rollup").read_text(), "Pss")
             rss += _kib((proc / "status").read_text(), "VmRSS")

@@ -51,7 +51,7 @@ def stop_local_superlink(flwr_home: Path) -> list[int]:
         try:
             cmdline = (proc / "cmdline").read_bytes()
             mine = (home.encode() in cmdline and (b"superlink" in cmdline or b"superexec" in cmdline)) or (
-                marker in (proc / "environ").read_bytes())
+                marker in (proc / "environ").read_bytes().split(b"\0"))
         except OSError:
             continue
         if mine:
