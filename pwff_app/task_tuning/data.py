@@ -37,7 +37,7 @@ _TEST_FILE = Path("ag_news") / "test.csv"
 
 
 __all__ = ["AG_NEWS_CLASSES", "DataNotFoundError", "batches", "client_rows", "client_split", "label_distribution",
-           "label_skew", "load_ag_news", "make_loader", "preflight", "tokenize"]
+           "label_skew", "load_ag_news", "preflight", "tokenize"]
 
 
 def _read_local(data_dir: Path) -> tuple[Dataset, Dataset]:
@@ -140,7 +140,13 @@ def label_skew(distributions: list[np.ndarray]) -> float:
 
 
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
-    """``(input_ids, attention_mask, labels)`` of every row, padded to the longest row (at most ``max_length``)."""
+    """``(input_ids, attention_mask, labels)`` of every row, padded to the longest row (at most ``max_length``).
+
+    No rows: tensors of shapes [0, 1], [0, 1] and [0].
+    """
+    if len(ds) == 0:
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return TensorDataset(empty, empty.clone(), torch.zeros(0, dtype=torch.long))
     enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length, padding=True,
                     return_tensors="pt")
     return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(ds["label"]))
@@ -150,12 +156,6 @@ def batches(rows: TensorDataset, batch_size: int, shuffle: bool, seed: int = 0) 
     """Batches of tokenized rows; a shuffled order is drawn from a fresh generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator)
-
-
-def make_loader(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int,
-                shuffle: bool, seed: int = 0) -> DataLoader:
-    """Tokenize once (padding to the longest row, at most ``max_length``) and batch."""
-    return batches(tokenize(ds, tokenizer, max_length), batch_size, shuffle, seed)
 
 
 @functools.lru_cache(maxsize=1024)

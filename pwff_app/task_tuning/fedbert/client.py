@@ -15,7 +15,6 @@ import functools
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,12 +22,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from pwff_app.config import RunConfig
 from pwff_app.device import place, placement, to_device
-from pwff_app.task_tuning.data import client_split, make_loader
+from pwff_app.task_tuning.data import client_rows
 from pwff_app.task_tuning.fedbert.model import (
     ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, ClientBottom, SplitConfig,
     client_backward, client_forward, new_optimizer, new_task_model, split_model, trained_arrays, trim_padding,
 )
-from pwff_app.task_tuning.model import load_params, load_tokenizer
+from pwff_app.task_tuning.model import load_params
 from pwff_app.task_tuning.train import round_seed
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input_ids, attention_mask, labels) of a split
@@ -72,27 +71,12 @@ def _fresh_bottom(cfg: RunConfig, split: SplitConfig, device: torch.device, dtyp
     return copy.deepcopy(template, memo)
 
 
-@functools.lru_cache(maxsize=8)
-def _client_tensors(data_dir: Path | None, dataset: str, model_name: str, client_id: int, num_partitions: int,
-                    alpha: float, seed: int, max_train: int, max_test: int, max_length: int) -> tuple[Rows, Rows]:
-    """Tokenized (input_ids, attention_mask, labels) of the client's train and test rows."""
-    train, test = client_split(data_dir, dataset, client_id, num_partitions, alpha, seed, max_train, max_test)
-    tokenizer = load_tokenizer(model_name)
-    out = []
-    for ds in (train, test):
-        if len(ds) == 0:
-            out.append((torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
-                        torch.zeros(0, dtype=torch.long)))
-        else:
-            out.append(make_loader(ds, tokenizer, max_length, 1, shuffle=False).dataset.tensors)
-    return tuple(out)
-
-
 def client_data(cfg: RunConfig, client_id: int, num_partitions: int) -> tuple[Rows, Rows]:
-    """((train ids, mask, labels), (test ids, mask, labels)) of a client, tokenized once per process."""
+    """((train ids, mask, labels), (test ids, mask, labels)) of a client, tokenized once per worker process."""
     t = cfg.task
-    return _client_tensors(cfg.data_dir, t.dataset, t.model_name, client_id, num_partitions, t.alpha, cfg.seed,
-                           t.max_train_samples, t.max_test_samples, t.max_length)
+    train, test = client_rows(cfg.data_dir, t.dataset, t.model_name, client_id, num_partitions, t.alpha, cfg.seed,
+                              t.max_train_samples, t.max_test_samples, t.max_length)
+    return train.tensors, test.tensors
 
 
 def train_batches(num_rows: int, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
