@@ -51,6 +51,17 @@ def write_ag_news(folder: Path, n_train: int = 400, n_test: int = 200, seed: int
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on 2 shared cores, two threads contend and run several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ag_news(tmp_path_factory.mktemp("data"))

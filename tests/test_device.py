@@ -28,13 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on 2 shared cores, two threads contend and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _float_dtypes(arrays: ArrayRecord) -> set[str]:
@@ -174,3 +168,29 @@ def test_pfit_client_runs_on_the_cpu(tiny_pfit, monkeypatch, precision: str) -> 
     assert not evaluation.has_error(), evaluation.error
     metrics = evaluation.content["metrics"]
     assert all(np.isfinite(float(metrics[k])) for k in ("helpfulness", "safety", "combined", "kl"))
+
+
+# ---------------------------------------------------------------------------------------
+# PFTT: a whole run through the real ServerApp and ClientApp
+# ---------------------------------------------------------------------------------------
+
+
+def test_pftt_runs_on_an_explicit_cpu_with_the_same_bytes(tiny_data_dir, tmp_path) -> None:
+    import json
+
+    from pwff_app.testing.inprocess import InProcessGrid, run_server
+
+    records = {}
+    for precision in DTYPES:
+        rc = tiny_config(tiny_data_dir, tmp_path, run_name=precision, num_clients=2, task__num_rounds=1,
+                         device="cpu", precision=precision)
+        run_server(rc, InProcessGrid(rc, 2))
+        (records[precision],) = [json.loads(line) for line in
+                                 (tmp_path / precision / "rounds.jsonl").read_text().splitlines()]
+        assert records[precision]["events"] == []
+        assert all(0.0 <= c["accuracy"] <= 1.0 for c in records[precision]["clients"].values())
+        summary = json.loads((tmp_path / precision / "summary.json").read_text())
+        # Two clients, each sending the shared part as float32 (4 bytes a parameter).
+        assert records[precision]["uplink_bytes"] >= 2 * 4 * summary["params"]["shared"] > 0
+    assert records["bf16"]["uplink_bytes"] == records["fp32"]["uplink_bytes"]
+    assert records["bf16"]["downlink_bytes"] == records["fp32"]["downlink_bytes"]
