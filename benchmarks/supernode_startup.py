@@ -28,7 +28,6 @@ idle) is not in the per-message columns; the run's wall time has everything.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "deploy"))  # deploy/ holds scripts, not a package
+import local_cluster as lc  # noqa: E402
 
 SMALL = ("task.max-train-samples=64 task.max-test-samples=64 task.max-length=32 task.batch-size=16 "
          "wireless.enabled=false")
@@ -96,17 +97,8 @@ sys.exit(flwr_clientapp())
 '''
 
 
-def _load_local_cluster():
-    spec = importlib.util.spec_from_file_location("pwff_local_cluster", ROOT / "deploy" / "local_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_mode(mode: str, workdir: Path, nodes: int, rounds: int, data_dir: str | None, extra: str,
              timeout: float) -> dict:
-    lc = _load_local_cluster()
     workdir.mkdir(parents=True, exist_ok=True)
     timing = workdir / "timing.jsonl"
     timing.unlink(missing_ok=True)
