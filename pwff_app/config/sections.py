@@ -225,6 +225,7 @@ class ChannelConfig(Section):
     target_rate_bps: Positive = 1e6
     downlink_miss: DownlinkMiss = "stale"
     realtime: Bool = False
+    deadline_s: NonNegative = 0.0  # round deadline in s from the round's downlink; 0 = none
 
     def client_snr_db(self, client_id: int) -> float:
         """Average SNR in dB of a client's link (the list is cycled over client ids)."""
