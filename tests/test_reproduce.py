@@ -19,10 +19,12 @@ FAKE = {
 }
 
 
-def _fake_run(runs_dir: Path, method: str, seed: int, acc: float, up: int, delay: float, energy: float,
-              curve: list[float], key: str | None = None) -> Path:
-    """A finished run folder; ``key`` is the summary's ``run_key`` (None: a run from before keys)."""
-    d = runs_dir / f"{method}-seed{seed}"
+def _fake_run(runs_dir: Path, name: str, seed: int, acc: float, up: int, delay: float, energy: float,
+              curve: list[float], key: str | None = None, method: str | None = None) -> Path:
+    """A finished run folder of variant ``name`` (running ``method``, default ``name``); ``key`` is the
+    summary's ``run_key`` (None: a run from before keys)."""
+    method = method or name
+    d = runs_dir / f"{name}-seed{seed}"
     d.mkdir(parents=True)
     summary = {
         "method": method, "num_rounds": len(curve), "num_clients": 2,
@@ -109,20 +111,23 @@ def _key(run_config: str, data_dir: Path | None = None) -> str:
     return reproduce.expected_run_key(reproduce.APP_DIR, run_config, data_dir)
 
 
-def _launcher(runs_dir: Path, calls: list[str], fail: tuple[str, ...] = (), key=_key):
+def _launcher(runs_dir: Path, calls: list[str], fail: tuple[str, ...] = (), key=_key,
+              resources_seen: list[str] | None = None):
     """A stand-in for `flwr run`: writes the run folder with ``key(run_config)``; ``fail`` methods exit 1."""
+    resources_seen = [] if resources_seen is None else resources_seen
 
     def fake_launch(app_dir, run_config, flwr_home, log, data_dir, timeout_s, ports=None, resources=None):
         calls.append(run_config)
-        assert resources == launch.FEDERATION_CONFIG
+        resources_seen.append(resources)
         method = run_config.split("method='")[1].split("'")[0]
+        name = run_config.split("run-name='")[1].split("-seed")[0]
         seed = int(run_config.split(" seed=")[1].split()[0])
         if method in fail:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("boom: something broke\n")
             return 1  # a failed run is reported, the others go on
-        shutil.rmtree(runs_dir / f"{method}-seed{seed}", ignore_errors=True)  # the server overwrites
-        _fake_run(runs_dir, method, seed, 0.7, 500, 0.2, 3.0, [0.7], key=key(run_config, data_dir))
+        shutil.rmtree(runs_dir / f"{name}-seed{seed}", ignore_errors=True)  # the server overwrites
+        _fake_run(runs_dir, name, seed, 0.7, 500, 0.2, 3.0, [0.7], key=key(run_config, data_dir), method=method)
         return 0
 
     return fake_launch
@@ -135,7 +140,7 @@ def test_resume_skips_finished_runs(tmp_path):
     fake_launch = _launcher(tmp_path / "runs", calls, fail=("fedlora",))
 
     res = reproduce.run_all(tmp_path, ["pftt", "fedlora", "local"], [42, 43], "quick", launch=fake_launch)
-    status = {(r.method, r.seed): r.status for r in res}
+    status = {(r.name, r.seed): r.status for r in res}
     assert status == {("pftt", 42): "skipped", ("fedlora", 42): "failed", ("local", 42): "done",
                       ("pftt", 43): "done", ("fedlora", 43): "failed", ("local", 43): "done"}
     assert len(calls) == 5
@@ -159,12 +164,12 @@ def test_full_profile_is_the_paper():
 def test_cli_reproduce_quick(monkeypatch, tmp_path):
     seen = {}
 
-    def fake(out, profile, seeds, methods, app_dir, data_dir, resources):
-        seen.update(out=out, profile=profile, seeds=seeds, methods=methods, app_dir=app_dir, data_dir=data_dir,
-                    resources=resources)
+    def fake(out, variants, profile, seeds, app_dir, data_dir, client_cpus, client_gpus, title):
+        seen.update(out=out, profile=profile, seeds=seeds, methods=variants, app_dir=app_dir, data_dir=data_dir,
+                    resources=launch.federation_config(4, client_cpus, client_gpus))
         return reproduce.ReproduceResult(Path(out))
 
-    monkeypatch.setattr(reproduce, "reproduce_pftt", fake)
+    monkeypatch.setattr(reproduce, "reproduce", fake)
     rc = cli.main(["reproduce", "pftt", "--quick", "--methods", "pftt", "fedlora", "--seeds", "2",
                    "--out", str(tmp_path), "--data-dir", "/data"])
     assert rc == 0
@@ -207,13 +212,14 @@ def test_run_with_another_config_is_rerun_never_reused(tmp_path):
     assert [r.status for r in first] == ["done"] and len(calls) == 1
     assert [r.status for r in reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch)] == ["skipped"]
     # The same run name under a changed config (here one learning rate): rerun, the old folder set aside.
-    changed = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch, extra_config={"task.lr": 0.01})
+    lr = profiles.Variant("pftt", "pftt", {"task.lr": 0.01})
+    changed = reproduce.run_all(tmp_path, [lr], [42], "quick", launch=launch)
     assert [r.status for r in changed] == ["done"] and len(calls) == 2 and "task.lr=0.01" in calls[-1]
     (stale,) = (tmp_path / "stale").iterdir()
     assert stale.name.startswith("pftt-seed42-") and (stale / "summary.json").exists()
     summary = json.loads((tmp_path / "runs" / "pftt-seed42" / "summary.json").read_text())
     assert summary["run_key"] == _key(calls[-1]) != _key(calls[0])
-    again = reproduce.run_all(tmp_path, ["pftt"], [42], "quick", launch=launch, extra_config={"task.lr": 0.01})
+    again = reproduce.run_all(tmp_path, [lr], [42], "quick", launch=launch)
     assert [r.status for r in again] == ["skipped"] and len(calls) == 2
     # Another profile or another data folder is another config too.
     assert [r.status for r in reproduce.run_all(tmp_path, ["pftt"], [42], "full", launch=launch)] == ["done"]
@@ -316,3 +322,29 @@ def test_stopping_a_flwr_home_ends_its_processes_only(tmp_path):
     finally:
         ours.kill()
         other.kill()
+
+
+# ---- variants: a method plus overrides, one row each -------------------------------------------
+
+
+def test_variants_run_with_their_overrides_and_tabulate_as_rows(tmp_path):
+    calls: list[str] = []
+    resources: list[str] = []
+    variants = [profiles.Variant("pftt-a8", "pftt", {"task.adapter-size": 8}),
+                profiles.Variant("pftt-8c", "pftt", {"num-clients": 8}), "fedlora"]
+    res = reproduce.run_all(tmp_path, variants, [42, 43], "quick",
+                            launch=_launcher(tmp_path / "runs", calls, resources_seen=resources))
+    assert [r.status for r in res] == ["done"] * 6
+    assert "task.adapter-size=8" in calls[0] and "run-name='pftt-a8-seed42'" in calls[0] and "method='pftt'" in calls[0]
+    # one SuperNode per client of the run: 8 for the variant that asks for 8
+    assert resources[:3] == [launch.federation_config(4), launch.federation_config(8), launch.federation_config(4)]
+    rows, files = reproduce.tabulate(tmp_path, variants, [42, 43], "quick", title="Widths")
+    assert [r["method"] for r in rows] == ["pftt-a8", "pftt-8c", "fedlora"]
+    assert rows[0]["methods"] == ["pftt"] and rows[0]["n_seeds"] == 2
+    assert (tmp_path / "comparison.md").read_text().startswith("# Widths")
+
+
+def test_variant_label_of_a_run_folder():
+    assert profiles.variant_of("pftt-a8-seed42") == "pftt-a8"
+    assert profiles.variant_of("pftt-seed42-20261202-1200") == "pftt"
+    assert profiles.variant_of("my-run") == "my-run"

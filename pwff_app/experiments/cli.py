@@ -13,8 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every command that launches `flwr run`s shares (seeds, folders, resources)."""
+    from pwff_app.experiments.profiles import DEFAULT_SEED_BASE
+
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="number of seeds (default 3)")
+    p.add_argument("--seed-base", type=int, default=DEFAULT_SEED_BASE,
+                   help=f"first seed; seeds are BASE..BASE+N-1 (default {DEFAULT_SEED_BASE})")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default under pwff-reproduce/)")
+    p.add_argument("--app", type=Path, default=None, help="Flower app folder (default: this package's project)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="local data folder (PWFF_DATA_DIR); default: $PWFF_DATA_DIR or the Hub")
+    p.add_argument("--client-cpus", type=float, default=1, metavar="N",
+                   help="CPU cores per simulated client (Flower's client-resources-num-cpus; default 1)")
+    p.add_argument("--client-gpus", type=float, default=0, metavar="F",
+                   help="share of a GPU per simulated client (client-resources-num-gpus; 0.25 = 4 clients "
+                        "per GPU; default 0)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="run nothing; only rebuild the table and plots from finished runs in --out")
+
+
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    from pwff_app.experiments.profiles import ALL_METHODS, DEFAULT_SEED_BASE, PROFILES
+    from pwff_app.experiments.profiles import ALL_METHODS, PROFILES
 
     p = sub.add_parser("reproduce", help="reproduce a figure of the paper through real `flwr run`s")
     which = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
@@ -25,23 +45,10 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--quick", action="store_true",
                    help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
                    + "); default: the paper's profile (40 rounds)")
-    f.add_argument("--seeds", type=int, default=3, metavar="N", help="number of seeds (default 3)")
-    f.add_argument("--seed-base", type=int, default=DEFAULT_SEED_BASE,
-                   help=f"first seed; seeds are BASE..BASE+N-1 (default {DEFAULT_SEED_BASE})")
-    f.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: pwff-reproduce/pftt-quick or pwff-reproduce/pftt-full)")
-    f.add_argument("--app", type=Path, default=None, help="Flower app folder (default: this package's project)")
     f.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
                    metavar="METHOD", help=f"methods to run (default: all of {' '.join(ALL_METHODS)})")
-    f.add_argument("--data-dir", type=Path, default=None,
-                   help="local data folder (PWFF_DATA_DIR); default: $PWFF_DATA_DIR or the Hub")
-    f.add_argument("--client-cpus", type=float, default=1, metavar="N",
-                   help="CPU cores per simulated client (Flower's client-resources-num-cpus; default 1)")
-    f.add_argument("--client-gpus", type=float, default=0, metavar="F",
-                   help="share of a GPU per simulated client (client-resources-num-gpus; 0.25 = 4 clients "
-                        "per GPU; default 0)")
-    f.add_argument("--aggregate-only", action="store_true",
-                   help="run nothing; only rebuild the table and plots from finished runs in --out")
+    _add_run_options(f)
+    f.set_defaults(func=_cmd_reproduce_pftt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,33 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_reproduce(args: argparse.Namespace) -> int:
+def run_variants(args: argparse.Namespace, variants: Sequence, profile: str, default_out: Path,
+                 title: str) -> int:
+    """Run (or with ``--aggregate-only`` only tabulate) ``variants`` x the seeds of ``args``; exit status."""
     from pwff_app.experiments import reproduce, tables
-    from pwff_app.experiments.launch import federation_config
 
-    profile = "quick" if args.quick else "full"
-    out = args.out or Path("pwff-reproduce") / f"pftt-{profile}"
+    out = args.out or default_out
     if args.seeds < 1:
         print("pwff: --seeds must be at least 1", file=sys.stderr)
         return 2
     seeds = list(range(args.seed_base, args.seed_base + args.seeds))
     if args.aggregate_only:
-        rows, files = reproduce.tabulate(out, args.methods, seeds, profile)
+        rows, files = reproduce.tabulate(out, variants, seeds, profile, title)
         if not rows:
             print(f"pwff: no finished runs under {out}/runs", file=sys.stderr)
             return 1
-        other = reproduce.unkeyed_runs(out, args.methods, seeds, profile, args.app, args.data_dir)
-        if other:  # tabulated as asked, but said: `pwff reproduce` (without --aggregate-only) reruns them
+        other = reproduce.unkeyed_runs(out, variants, seeds, profile, args.app, args.data_dir)
+        if other:  # tabulated as asked, but said: a run without --aggregate-only reruns them
             print(f"pwff: warning: {len(other)} run(s) tabulated were made by another config or code version "
                   f"than this one would use (a rerun without --aggregate-only replaces them): {' '.join(other)}",
                   file=sys.stderr)
         print(tables.markdown_table(rows))
         print("\n".join(str(p) for p in files))
         return 0
-    result = reproduce.reproduce_pftt(out, profile=profile, seeds=seeds, methods=args.methods,
-                                      app_dir=args.app, data_dir=args.data_dir,
-                                      resources=federation_config(4, args.client_cpus, args.client_gpus))
+    result = reproduce.reproduce(out, variants, profile, seeds, args.app, args.data_dir,
+                                 args.client_cpus, args.client_gpus, title)
     return 1 if result.failed else 0
+
+
+def _cmd_reproduce_pftt(args: argparse.Namespace) -> int:
+    from pwff_app.experiments.tables import PFTT_TITLE
+
+    profile = "quick" if args.quick else "full"
+    return run_variants(args, args.methods, profile, Path("pwff-reproduce") / f"pftt-{profile}", PFTT_TITLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,9 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = rewards.main(argv[1:])
         return int(rc or 0)
     args = build_parser().parse_args(argv)
-    if args.command == "reproduce" and args.figure == "pftt":
-        return _cmd_reproduce(args)
-    return 2  # pragma: no cover (argparse requires a known command)
+    return args.func(args)  # each command's parser sets its handler
 
 
 if __name__ == "__main__":  # pragma: no cover

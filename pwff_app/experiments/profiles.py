@@ -1,12 +1,15 @@
-"""What a reproduction runs: the methods, the profiles, and the run config of one run.
+"""What a reproduction runs: the variants, the profiles, and the run config of one run.
 
-A profile is a set of run-config overrides on top of the pyproject defaults; every
-(method, seed) pair becomes one ``flwr run`` whose ``--run-config`` is :func:`build_run_config`.
+A profile is a set of run-config overrides on top of the pyproject defaults. A
+:class:`Variant` is one row of a comparison: a method plus its own overrides (a codec, an
+adapter width, a swept wireless setting). Every (variant, seed) pair becomes one ``flwr run``
+whose ``--run-config`` is :func:`build_run_config`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +36,29 @@ RUN_TIMEOUT_S = {"quick": 900, "full": 6 * 3600}
 DEFAULT_SEED_BASE = 42
 
 
-def run_name(method: str, seed: int) -> str:
-    """Folder (under ``<out>/runs``) and log name of one run."""
-    return f"{method}-seed{seed}"
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: ``method`` run with ``overrides`` (flat run-config keys) on top of
+    the profile; ``name`` labels the row and prefixes its run folders (``<name>-seed<S>``)."""
+
+    name: str
+    method: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+def as_variants(items: Iterable[Variant | str]) -> list[Variant]:
+    """Variants as given; a bare method name is the method with no overrides."""
+    return [v if isinstance(v, Variant) else Variant(v, v) for v in items]
+
+
+def run_name(name: str, seed: int) -> str:
+    """Folder (under ``<out>/runs``) and log name of one run of the variant called ``name``."""
+    return f"{name}-seed{seed}"
+
+
+def variant_of(run_dir_name: str) -> str:
+    """The variant label of a run folder: its name up to ``-seed<S>`` (``pftt-seed42-20261202`` -> ``pftt``)."""
+    return run_dir_name.rsplit("-seed", 1)[0] if "-seed" in run_dir_name else run_dir_name
 
 
 def _toml_value(value: Any) -> str:
@@ -46,12 +69,12 @@ def _toml_value(value: Any) -> str:
     return "'" + str(value).replace("'", "") + "'"
 
 
-def build_run_config(method: str, seed: int, runs_dir: Path, profile: str,
-                     extra: dict[str, Any] | None = None) -> str:
-    """The ``--run-config`` string of one run: profile overrides, then method, seed, paths."""
-    values: dict[str, Any] = {**PROFILES[profile], **(extra or {})}
-    values.update({"method": method, "seed": int(seed), "results-dir": str(runs_dir.resolve()),
-                   "run-name": run_name(method, seed)})
+def build_run_config(variant: Variant | str, seed: int, runs_dir: Path, profile: str) -> str:
+    """The ``--run-config`` string of one run: profile overrides, the variant's, then method, seed, paths."""
+    (v,) = as_variants([variant])
+    values: dict[str, Any] = {**PROFILES[profile], **v.overrides}
+    values.update({"method": v.method, "seed": int(seed), "results-dir": str(runs_dir.resolve()),
+                   "run-name": run_name(v.name, seed)})
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 

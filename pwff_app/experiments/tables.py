@@ -1,7 +1,7 @@
 """Reading finished runs and tabulating them: mean ± std over seeds, CSV and Markdown.
 
 A pure function of the run folders (``summary.json`` and ``rounds.jsonl`` under
-``<out>/runs/<method>-seed<seed>/``): :func:`aggregate_runs` gives one row per method,
+``<out>/runs/<variant>-seed<seed>/``): :func:`aggregate_runs` gives one row per variant,
 :func:`write_outputs` writes ``comparison.csv`` / ``comparison.md`` and the plots of
 :mod:`pwff_app.experiments.plots`.
 """
@@ -16,7 +16,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pwff_app.experiments.profiles import ALL_METHODS
+from pwff_app.experiments.profiles import ALL_METHODS, variant_of
+
+PFTT_TITLE = "PFTT vs contenders (Fig. 5)"
 
 # Columns of comparison.csv: (key, what it is).
 METRICS: tuple[tuple[str, str], ...] = (
@@ -107,7 +109,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
                 if acc is not None:
                     curve.append((int(r["round"]), acc))
     return {
-        "method": s.get("method") or run_dir.name.rsplit("-seed", 1)[0],
+        "variant": variant_of(run_dir.name),
+        "method": s.get("method") or variant_of(run_dir.name),
         "seed": _seed_of(run_dir, s),
         "run_dir": str(run_dir),
         "accuracy": _num((s.get("accuracy") or {}).get("mean")),
@@ -138,21 +141,24 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
 
 
 def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_METHODS) -> list[dict[str, Any]]:
-    """One row per method: ``<metric>_mean`` / ``<metric>_std`` over seeds for every metric of
-    :data:`METRICS`, ``n_seeds``, ``seeds`` and the mean +- std accuracy ``curve`` by round.
+    """One row per variant (the run folder's name up to ``-seed<S>``; for a plain reproduction the
+    method): ``<metric>_mean`` / ``<metric>_std`` over seeds for every metric of :data:`METRICS`,
+    ``n_seeds``, ``seeds`` and the mean +- std accuracy ``curve`` by round. ``method`` is the row's
+    label (the variant), ``methods`` the runs' own ``method`` values.
 
-    Folders without ``summary.json`` are ignored. Methods follow ``method_order``, then others.
+    Folders without ``summary.json`` are ignored. Rows follow ``method_order``, then others.
     """
-    by_method: dict[str, list[dict[str, Any]]] = {}
+    by_variant: dict[str, list[dict[str, Any]]] = {}
     for d in run_dirs:
         if (Path(d) / "summary.json").exists():
             r = read_run(Path(d))
-            by_method.setdefault(r["method"], []).append(r)
-    order = [m for m in method_order if m in by_method] + sorted(m for m in by_method if m not in method_order)
+            by_variant.setdefault(r["variant"], []).append(r)
+    order = [m for m in method_order if m in by_variant] + sorted(m for m in by_variant if m not in method_order)
     rows = []
     for m in order:
-        runs = sorted(by_method[m], key=lambda r: (r["seed"] is None, r["seed"] or 0))
-        row: dict[str, Any] = {"method": m, "n_seeds": len(runs), "seeds": [r["seed"] for r in runs]}
+        runs = sorted(by_variant[m], key=lambda r: (r["seed"] is None, r["seed"] or 0))
+        row: dict[str, Any] = {"method": m, "methods": sorted({r["method"] for r in runs}),
+                               "n_seeds": len(runs), "seeds": [r["seed"] for r in runs]}
         for key in ("num_clients", "channel"):  # what the runs were, from their own configs
             row[key] = sorted({r[key] for r in runs if r[key] is not None})
         for key, _ in METRICS:
@@ -239,7 +245,7 @@ median and p95 over the rounds of a run (`wireless.*_round_latency_s`).
 """
 
 
-def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = "PFTT vs contenders (Fig. 5)",
+def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = PFTT_TITLE,
                    header: str = "") -> Path:
     """``comparison.md``: title, ``header`` (what was run), the runs' own setting, both tables and how to read them."""
     clients, channel = setting_labels(rows)
@@ -251,11 +257,12 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = "PFT
     return Path(path)
 
 
-def write_outputs(out_dir: Path, rows: Sequence[dict[str, Any]], header: str = "") -> list[Path]:
-    """comparison.csv, comparison.md and the PNG plots into ``out_dir``."""
+def write_outputs(out_dir: Path, rows: Sequence[dict[str, Any]], header: str = "",
+                  title: str = PFTT_TITLE) -> list[Path]:
+    """comparison.csv, comparison.md (headed ``title``) and the PNG plots into ``out_dir``."""
     from pwff_app.experiments import plots  # lazy: matplotlib loads only when plots are drawn
 
     out_dir = Path(out_dir)
-    files = [write_csv(rows, out_dir / "comparison.csv"), write_markdown(rows, out_dir / "comparison.md", header=header)]
+    files = [write_csv(rows, out_dir / "comparison.csv"), write_markdown(rows, out_dir / "comparison.md", title, header)]
     files += plots.plot_all(rows, out_dir)
     return files
