@@ -1,7 +1,9 @@
 """The ClientApp: thin Flower glue that hands each message to the method's protocol.
 
 The link is a mod around every message, so the learning code never sees the channel;
-DP clipping sits inside it, so what crosses the channel is the clipped update.
+compression sits inside it (the link counts the encoded bytes) and DP clipping inside that,
+so what is compressed and crosses the channel is the clipped update. Mods wrap in list
+order: a reply passes DP clipping, then compression, then the link.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from pwff_app.compression.mod import compression_mod
 from pwff_app.federation.privacy import dp_clipping_mod
 from pwff_app.federation.roster import answer_query
 from pwff_app.methods import METHODS
 from pwff_app.protocols import protocol_of
 from pwff_app.wireless.link import uplink_mod
 
-app = ClientApp(mods=[uplink_mod])
+app = ClientApp(mods=[uplink_mod, compression_mod])
 
 
 def _handler(context: Context, kind: str):

@@ -28,6 +28,9 @@ class Protocol:
         preflight: ``(cfg) -> list of what was checked``; raises a one-line
             :class:`~pwff_app.sources.SourceNotFoundError` when a data set or model of the
             family cannot be had. The server runs it before round 1 and before any folder.
+        sent_masks: ``(msg, reply, context) -> {name: bool mask}`` of the reply arrays sent in
+            packed form (the kept entries of a dense tensor); "" = every array is sent dense.
+            The compression mod (:mod:`pwff_app.compression.mod`) takes updates in that form.
     """
 
     train: str
@@ -35,6 +38,11 @@ class Protocol:
     server: str
     score_key: str
     preflight: str
+    sent_masks: str = ""
+
+    def masks(self, msg: Any, reply: Any, context: Any) -> dict[str, Any]:
+        """:attr:`sent_masks` of a train reply ({} when every array is sent dense)."""
+        return _load(self.sent_masks)(msg, reply, context) if self.sent_masks else {}
 
     def handler(self, kind: str) -> Callable[..., Any]:
         """The client handler for ``kind`` (``train`` or ``evaluate``)."""
@@ -76,7 +84,8 @@ PROTOCOLS: dict[tuple[str, str], Protocol] = {
     ("instruct", "fedavg"): Protocol("pwff_app.instruct.client:handle_pfit_train",
                                      "pwff_app.instruct.client:handle_pfit_evaluate",
                                      "pwff_app.instruct.server:run_pfit", "reward",
-                                     "pwff_app.instruct.runtime:preflight"),
+                                     "pwff_app.instruct.runtime:preflight",
+                                     "pwff_app.instruct.client:sent_masks"),
 }
 
 

@@ -9,6 +9,7 @@ from pwff_app.config.run import RunConfig, app_defaults, method_conflicts
 from pwff_app.config.sections import (
     AggregationConfig,
     ChannelConfig,
+    CompressionConfig,
     DPConfig,
     FedbertConfig,
     InstructConfig,
@@ -17,6 +18,6 @@ from pwff_app.config.sections import (
 
 __all__ = [
     "AGGREGATOR_NAMES", "DOWNLINK_MISS", "LOSS_MODELS", "MASK_RULES", "TRAIN_MODES", "AggregationConfig",
-    "ChannelConfig", "ConfigError", "DPConfig", "FedbertConfig", "InstructConfig", "RunConfig", "TaskConfig",
+    "ChannelConfig", "CompressionConfig", "ConfigError", "DPConfig", "FedbertConfig", "InstructConfig", "RunConfig", "TaskConfig",
     "app_defaults", "method_conflicts",
 ]

@@ -15,6 +15,7 @@ from pwff_app.config.base import AGGREGATION_KEYS, Bool, Int, NonNegativeInt, Po
 from pwff_app.config.sections import (
     AggregationConfig,
     ChannelConfig,
+    CompressionConfig,
     DPConfig,
     FedbertConfig,
     InstructConfig,
@@ -54,6 +55,7 @@ class RunConfig(Section):
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
     fedbert: FedbertConfig = dataclasses.field(default_factory=FedbertConfig)
     wireless: ChannelConfig = dataclasses.field(default_factory=ChannelConfig)
+    compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
     # The flat keys as given, for summary.json.
     raw: dict[str, Scalar] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -155,6 +157,7 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
         problems.append(f"'trim-fraction' {agg.trim_fraction} with {per_round} clients a round trims "
                         f"int({agg.trim_fraction} x {per_round}) = 0 replies per side: use a "
                         f"'trim-fraction' >= {1 / per_round:.3g} (and < 0.5), or more clients a round")
+    problems += _compression_conflicts(cfg)
     default = InstructConfig()
     if cfg.instruct.reward_models == "helpfulness" and cfg.instruct.reward_weights != default.reward_weights:
         problems.append("'instruct.reward-weights' has no effect with 'instruct.reward-models' = 'helpfulness' "
@@ -164,6 +167,40 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
             key = "instruct." + name.replace("_", "-")
             problems.append(f"'{key}' is fixed to {value!r} by method '{cfg.method}' (its row in methods.py): "
                             f"leave it at its default")
+    return problems
+
+
+def _compression_conflicts(cfg: RunConfig) -> list[str]:
+    """What ``compression.*`` (and ``instruct.sparsity = "adaptive"``) cannot honour for this run."""
+    comp, spec, problems = cfg.compression, cfg.spec, []
+    if comp.enabled and spec.protocol != "fedavg":
+        why = ("sends activations and gradients every step, not one update a round"
+               if spec.protocol == "split" else "sends nothing")
+        problems.append(f"'compression.uplink' / 'compression.downlink' have no effect with '{cfg.method}' "
+                        f"(it {why}): leave them at 'none'")
+    adaptive_s = spec.family == "instruct" and cfg.instruct.adaptive_sparsity
+    if comp.adaptive or adaptive_s:
+        key = "compression.uplink" if comp.adaptive else "instruct.sparsity"
+        if not cfg.wireless.enabled:
+            problems.append(f"'{key}' = 'adaptive' needs the wireless link ('wireless.enabled' = true): "
+                            f"there is no channel to adapt to")
+        if cfg.wireless.deadline_s <= 0 and comp.target_delay_s <= 0:
+            problems.append(f"'{key}' = 'adaptive' needs a time to fit: 'wireless.deadline-s' or "
+                            f"'compression.target-delay-s' > 0")
+    if comp.adaptive and adaptive_s:
+        problems.append("'compression.uplink' and 'instruct.sparsity' cannot both be 'adaptive': "
+                        "choose which one follows the channel")
+    if (comp.downlink != "none" and spec.family == "instruct" and cfg.instruct.mask_rule == "magnitude"
+            and not cfg.instruct.for_method(cfg.method).use_lora):
+        problems.append(f"'compression.downlink' = '{comp.downlink}' with '{cfg.method}' and 'instruct.mask-rule' = "
+                        f"'magnitude': the server rebuilds each client's update mask from the exact global it "
+                        f"holds, a cast copy would pick other entries; use 'instruct.mask-rule' = 'random'")
+    if comp.target_delay_s > 0 and not (comp.adaptive or adaptive_s):
+        problems.append("'compression.target-delay-s' is used only by 'adaptive' choices: leave it at 0")
+    if cfg.dp.enabled and not comp.sent_norm_bounded():
+        problems.append(f"'compression.uplink' = '{comp.uplink}' with DP: rounding and error feedback can "
+                        f"raise the sent update's norm above 'dp.clipping-norm' (DP's sensitivity); use "
+                        f"'none' or 'topk:<f>' with 'compression.error-feedback' = false")
     return problems
 
 

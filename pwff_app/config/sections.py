@@ -32,10 +32,19 @@ from pwff_app.config.base import (
     Section,
     Str,
     section,
+    _number_list,
     _weight_pairs,
 )
 
 Direction = Literal["up", "down"]
+
+
+def _sparsity(value: Any) -> Any:
+    """``"adaptive"`` as is, else a comma list of numbers (:data:`NumberList`)."""
+    return value if value == "adaptive" else _number_list(value)
+
+
+Sparsity = Annotated[tuple[float, ...] | Literal["adaptive"], BeforeValidator(_sparsity)]
 
 
 @section
@@ -123,7 +132,7 @@ class InstructConfig(Section):
     ppo_epochs: PositiveInt = 2  # PPO epochs per rollout batch
     eval_prompts: PositiveInt = 16  # fixed held-out prompts, the same for every client
     eval_samples: PositiveInt = 8  # sampled responses per held-out prompt
-    sparsity: NumberList = (0.4,)  # per client, cycled: share of attention weights not updated, in [0, 1)
+    sparsity: Sparsity = (0.4,)  # per client, cycled: share of attention weights not updated, in [0, 1); or "adaptive"
     mask_rule: MaskRule = "magnitude"
     reward_weights: Annotated[tuple[tuple[float, float], ...], BeforeValidator(_weight_pairs)] = (
         (0.8, 0.2), (0.2, 0.8))  # per client (w_help, w_safe), cycled
@@ -140,8 +149,8 @@ class InstructConfig(Section):
 
     @field_validator("sparsity")
     @classmethod
-    def _sparsity_in_range(cls, values: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0.0 <= s < 1.0 for s in values):
+    def _sparsity_in_range(cls, values: tuple[float, ...] | str) -> tuple[float, ...] | str:
+        if values != "adaptive" and any(not 0.0 <= s < 1.0 for s in values):
             raise ValueError(f"must be a comma list of numbers in [0, 1), got {values}")
         return values
 
@@ -166,7 +175,18 @@ class InstructConfig(Section):
     def prompts_per_step(self) -> int:
         return math.ceil(self.prompts_per_round / self.ppo_steps)
 
+    @property
+    def adaptive_sparsity(self) -> bool:
+        """``instruct.sparsity = "adaptive"``: the server picks each client's s per round from the channel."""
+        return self.sparsity == "adaptive"
+
     def client_sparsity(self, client_id: int) -> float:
+        """A client's configured s (with ``adaptive``, the densest of the ladder: the server's choice
+        reaches the client in the train message)."""
+        if self.adaptive_sparsity:
+            from pwff_app.compression.adaptive import SPARSITY_LADDER
+
+            return SPARSITY_LADDER[0]
         return self.sparsity[client_id % len(self.sparsity)]
 
     def client_weights(self, client_id: int) -> tuple[float, float]:
@@ -242,3 +262,55 @@ class ChannelConfig(Section):
             if name != "seed":
                 flat[f"wireless.{name}"] = ",".join(f"{s:g}" for s in value) if name == "snr-db" else value
         return flat
+
+
+ADAPTIVE = "adaptive"
+DownlinkCodec = Literal["none", "fp16", "bf16"]
+
+
+@section
+class CompressionConfig(Section):
+    """Compressed updates (``pwff_app/compression``, ``docs/compression.md``).
+
+    ``uplink``: ``none | fp16 | bf16 | int8 | int4 | topk:<f> | adaptive`` (the server picks per
+    client and round the finest codec whose expected uplink time fits ``wireless.deadline-s``,
+    else ``target_delay_s`` in s). ``downlink``: ``none | fp16 | bf16``, a cast of the broadcast
+    global. ``error_feedback``: lossy uplink codecs carry the unsent residual to the next round
+    (private state). ``block_size``: elements per int8 / int4 scale (0 = one per tensor).
+    """
+
+    SECTION: ClassVar[str] = "compression"
+    uplink: Str = "none"
+    downlink: DownlinkCodec = "none"
+    error_feedback: Bool = True
+    block_size: NonNegativeInt = 256
+    target_delay_s: NonNegative = 0.0  # adaptive without a deadline: the uplink time to fit, s
+
+    @field_validator("uplink")
+    @classmethod
+    def _known_codec(cls, text: str) -> str:
+        from pwff_app.compression.codecs import parse_codec  # numpy only: the config stays torch-free
+
+        if text != ADAPTIVE:
+            parse_codec(text)
+        return text
+
+    @property
+    def adaptive(self) -> bool:
+        return self.uplink == ADAPTIVE
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is encoded (uplink or downlink)."""
+        return self.uplink != "none" or self.downlink != "none"
+
+    def codec(self, name: str | None = None) -> Any:
+        """The :class:`~pwff_app.compression.codecs.Codec` of ``name`` (default: the fixed uplink codec)."""
+        from pwff_app.compression.codecs import parse_codec
+
+        return parse_codec(self.uplink if name is None else name, self.block_size)
+
+    def sent_norm_bounded(self) -> bool:
+        """Whether the sent update's L2 norm never exceeds the clipped update's (DP's sensitivity):
+        top-k without error feedback (a subset of its entries), or no uplink codec."""
+        return self.uplink == "none" or (self.uplink.startswith("topk:") and not self.error_feedback)

@@ -19,8 +19,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from pwff_app.files import write_npz_atomic
 
-_ARRAYS, _META = "pwff.private", "pwff.private-meta"
-_FILE = re.compile(r"private-(\d{5})\.npz$")
 
 
 def state_dir(context: Context, client_id: int) -> Path | None:
@@ -34,37 +32,44 @@ def state_dir(context: Context, client_id: int) -> Path | None:
 
 
 class PrivateStore:
-    """Private arrays of one client, by round, in ``context.state`` and optionally on disk."""
+    """Private arrays of one client, by round, in ``context.state`` and optionally on disk.
 
-    def __init__(self, context: Context, client_id: int) -> None:
+    ``name`` keeps separate stores apart (``private``: what the learner keeps; ``residual``: the
+    error-feedback residual of :mod:`pwff_app.compression.mod`), in the same folder.
+    """
+
+    def __init__(self, context: Context, client_id: int, name: str = "private") -> None:
         self.context = context
         self.dir = state_dir(context, client_id)
+        self.name = name
+        self._arrays, self._meta = f"pwff.{name}", f"pwff.{name}-meta"
+        self._pattern = re.compile(rf"{re.escape(name)}-(\d{{5}})\.npz$")
 
     def _files(self) -> dict[int, Path]:
         if self.dir is None or not self.dir.is_dir():
             return {}
-        return {int(m.group(1)): p for p in self.dir.iterdir() if (m := _FILE.search(p.name))}
+        return {int(m.group(1)): p for p in self.dir.iterdir() if (m := self._pattern.search(p.name))}
 
     def load(self, upto_round: int | None = None) -> dict[str, np.ndarray] | None:
         """The newest state saved at a round <= ``upto_round`` (None = newest of all)."""
         limit = upto_round if upto_round is not None else 10**9
-        meta = self.context.state.config_records.get(_META)
+        meta = self.context.state.config_records.get(self._meta)
         in_memory = int(meta["round"]) if meta is not None else None
         on_disk = max((r for r in self._files() if r <= limit), default=None)
         if in_memory is not None and in_memory <= limit and (on_disk is None or in_memory >= on_disk):
-            return {k: v.numpy() for k, v in self.context.state.array_records[_ARRAYS].items()}
+            return {k: v.numpy() for k, v in self.context.state.array_records[self._arrays].items()}
         if on_disk is None:
             return None
         with np.load(self._files()[on_disk]) as f:
             return {k: f[k] for k in f.files}
 
     def save(self, arrays: dict[str, np.ndarray], server_round: int) -> None:
-        self.context.state[_ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-        self.context.state[_META] = ConfigRecord({"round": server_round})
+        self.context.state[self._arrays] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        self.context.state[self._meta] = ConfigRecord({"round": server_round})
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"private-{server_round:05d}.npz"
+        path = self.dir / f"{self.name}-{server_round:05d}.npz"
         write_npz_atomic(path, arrays)
         # Keep the last two rounds: enough to resume from a checkpoint one round behind.
         for r, old in self._files().items():

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore import log
 
+from pwff_app.compression.server import CompressionPlan
 from pwff_app.federation.checkpoint import save_checkpoint
 from pwff_app.federation.checks import (
     INFO, KINDS, METRICS, ExampleBounds, arrays_problem, reply_problem, stop_if_all_failed,
@@ -48,6 +49,8 @@ class _PartialMixin:
         round_offset: rounds already done before this start (resuming from a checkpoint).
         checkpoint_meta: if given, the global weights are checkpointed after every round into
             the recorder's folder, with this dict beside them.
+        compression: each client's uplink codec per round, the downlink cast, and the decoding
+            of encoded replies before their checks (:mod:`pwff_app.compression.server`); None = off.
         **kwargs: passed to the Flower strategy.
     """
 
@@ -56,7 +59,8 @@ class _PartialMixin:
 
     def __init__(self, recorder: RunRecorder, sampler: RoundSampler, example_bounds: ExampleBounds,
                  min_survivors: int = 1, max_update_norm: float = 0.0, round_offset: int = 0,
-                 checkpoint_meta: dict | None = None, **kwargs) -> None:
+                 checkpoint_meta: dict | None = None, compression: CompressionPlan | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.recorder = recorder
         self.sampler = sampler
@@ -69,6 +73,8 @@ class _PartialMixin:
         self._global: ArrayRecord | None = None
         self._aggregated: ArrayRecord | None = None
         self._downlink: dict[int, int] = {}
+        self.compression = compression
+        self._plain: dict[int, ArrayRecord] = {}  # id(reply content) -> its decoded arrays
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -78,6 +84,10 @@ class _PartialMixin:
         nodes = self.sampler.train_nodes(server_round)
         self.recorder.round_info(sampled=self.sampler.client_ids(nodes))
         messages = self._to(nodes, super().configure_train(server_round, arrays, config, grid))
+        self._plain = {}
+        if self.compression is not None:
+            messages = self.compression.prepare(messages, grid, self.roster, self._sent_shapes,
+                                                self._train_extra(grid))
         self._downlink = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
@@ -101,10 +111,32 @@ class _PartialMixin:
         return reply_problem(msg.content, kind, client_id=self.roster.get(msg.metadata.src_node_id),
                              server_round=server_round, max_examples=bound)
 
+    def _sent_shapes(self, client_id: int) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of the arrays ``client_id`` sends this round (the adaptive choice sizes them)."""
+        return {k: tuple(v.shape) for k, v in self._global.items()}
+
+    def _train_extra(self, grid: Grid) -> Callable[[int], dict] | None:
+        """client id -> further entries of its train message's config this round; None = none."""
+        return None
+
+    def _plain_arrays(self, msg: Message, reference: Mapping[str, Any]) -> ArrayRecord | str:
+        """The reply's plain arrays (decoded when its codec is lossy), or why its encoding is unusable."""
+        if self.compression is None:
+            return msg.content[self.arrayrecord_key]
+        return self.compression.decode(msg, reference)
+
     def _problem(self, msg: Message, server_round: int) -> str | None:
-        """Why a train reply cannot be aggregated, or None."""
-        return self._envelope_problem(msg, server_round, train=True) or arrays_problem(
-            msg.content[self.arrayrecord_key], self._global, self.max_update_norm)
+        """Why a train reply cannot be aggregated, or None; the decoded arrays are kept for aggregation."""
+        problem = self._envelope_problem(msg, server_round, train=True)
+        if problem is not None:
+            return problem
+        arrays = self._plain_arrays(msg, {k: v.numpy() for k, v in self._global.items()})
+        if isinstance(arrays, str):
+            return arrays
+        problem = arrays_problem(arrays, self._global, self.max_update_norm)
+        if problem is None:
+            self._plain[id(msg.content)] = arrays
+        return problem
 
     def _screen(self, replies: Iterable[Message], problem: Callable[[Message], str | None],
                 prefix: str) -> tuple[list[Message], dict[int, str | None]]:
@@ -147,6 +179,8 @@ class _PartialMixin:
                 downlink_bytes=self._downlink.get(node, 0),
                 private_params=int(info["private-params"]),
             )
+            if id(content) in self._plain:  # aggregate what the encoding stands for
+                content[self.arrayrecord_key] = self._plain.pop(id(content))
         return accepted
 
     def aggregate_train(self, server_round: int,

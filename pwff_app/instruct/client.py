@@ -44,6 +44,8 @@ from pwff_app.instruct.sparse_attention import (
 )
 
 _VALUE_PREFIX, _LOCAL_PREFIX = "value_head.", "local/"  # keys of the private state
+_SPARSITY = "meta/sparsity"  # private state: the s of the client's last training round
+SPARSITY_KEY = "pwff.sparsity"  # train message config: s chosen by the server (instruct.sparsity = "adaptive")
 
 
 def global_fingerprint(arrays: Mapping[str, np.ndarray]) -> int:
@@ -109,6 +111,30 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, InstructConfig, t
     return run_cfg, cfg, _ids(msg, context), bundle
 
 
+def _train_sparsity(msg: Message, cfg: InstructConfig, client_id: int) -> float:
+    """This round's s: the server's choice with ``instruct.sparsity = "adaptive"``, else the configured one."""
+    config = msg.content["config"]
+    if cfg.adaptive_sparsity and SPARSITY_KEY in config:
+        s = float(config[SPARSITY_KEY])
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"'{SPARSITY_KEY}' = {s} is not in [0, 1)")
+        return s
+    return cfg.client_sparsity(client_id)
+
+
+def sent_masks(msg: Message, reply: Message, context: Context) -> dict[str, np.ndarray]:
+    """The update masks of a PFIT train reply (the protocol's ``sent_masks``): rebuilt, as the
+    server does, from the received global, the reply's s and mask seed; {} with LoRA (dense)."""
+    _, cfg, _, bundle = _setup(msg, context)
+    if cfg.use_lora:
+        return {}
+    metrics = reply.content["metrics"]
+    glob = {k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()}
+    masks = build_attention_masks(glob, bundle.blocks, float(metrics["sparsity"]), cfg.mask_rule,
+                                  int(metrics["mask-seed"]))
+    return {k: m.numpy() for k, m in masks.items()}
+
+
 def handle_pfit_train(msg: Message, context: Context) -> Message:
     """One PFIT round on a client (see the module docstring)."""
     started = time.perf_counter()
@@ -129,7 +155,7 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
         _check_global(local, bundle, method)
     start = {k: torch.from_numpy(np.array(v)) for k, v in local.items()} if local else global_params
     load_trainable_state(lm, start)
-    s = cfg.client_sparsity(client_id)
+    s = _train_sparsity(msg, cfg, client_id)
     enable_sparse_attention(lm, bundle.blocks, s)
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
     m_seed = mask_seed(seed, client_id, server_round)
@@ -166,6 +192,7 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     trained = trainable_state(lm)
     keep = {_VALUE_PREFIX + n: p.detach().cpu().numpy().copy() for n, p in policy.value_head.named_parameters()}
     keep.update({_LOCAL_PREFIX + n: v.cpu().numpy() for n, v in trained.items()})
+    keep[_SPARSITY] = np.array(s, dtype=np.float64)
     store.save(keep, server_round)
     packed = pack_sparse(trained, masks)
     content = RecordDict({
@@ -197,12 +224,15 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     method, seed, data_dir = run_cfg.method, run_cfg.seed, run_cfg.data_dir
     lm, tok, policy = bundle.lm, bundle.tokenizer, bundle.policy
 
-    local = _local_model(PrivateStore(context, client_id).load(upto_round=server_round))
+    private = PrivateStore(context, client_id).load(upto_round=server_round)
+    local = _local_model(private)
     if not local:  # no training yet on this client: the global it was sent
         local = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     _check_global(local, bundle, method)
     load_trainable_state(lm, {k: torch.from_numpy(np.array(v)) for k, v in local.items()})
-    s = cfg.client_sparsity(client_id)
+    # adaptive: the s the client last trained with (the model was trained under that attention)
+    s = float(private[_SPARSITY]) if cfg.adaptive_sparsity and private and _SPARSITY in private \
+        else cfg.client_sparsity(client_id)
     enable_sparse_attention(lm, bundle.blocks, s)
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
 

@@ -19,6 +19,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
+from pwff_app.compression.adaptive import choose_sparsity, expected_delay_s
+from pwff_app.compression.codecs import Codec
+from pwff_app.compression.server import CompressionPlan, uplink_rate_bps
 from pwff_app.config import InstructConfig, RunConfig
 from pwff_app.device import placement
 from pwff_app.federation.results import RunRecorder
@@ -26,8 +29,9 @@ from pwff_app.federation.checks import INFO, METRICS, arrays_problem, decode_pro
 from pwff_app.federation.roster import Roster, RoundSampler
 from pwff_app.federation.strategy import _PartialMixin
 from pwff_app.instruct import runtime
-from pwff_app.instruct.client import global_fingerprint
-from pwff_app.instruct.policy import policy_source, trainable_state
+from pwff_app.instruct.client import SPARSITY_KEY, global_fingerprint
+from pwff_app.instruct.policy import is_attention_param, policy_source, trainable_state
+from pwff_app.instruct.sparse_pattern import keep_count
 from pwff_app.instruct.sparse_attention import aggregate_sparse, build_attention_masks, pack_sparse, unpack_sparse
 
 
@@ -67,12 +71,46 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
     REPLY_KINDS = ("instruct/train", "instruct/evaluate")
 
     def __init__(self, *, block_names: Sequence[str], mask_rule: str, sparse_fedavg: bool, lora: bool,
-                 **kwargs) -> None:
+                 icfg: InstructConfig | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.block_names, self.mask_rule, self.sparse_fedavg, self.lora = list(block_names), mask_rule, sparse_fedavg, lora
+        self.icfg = icfg if icfg is not None else InstructConfig()
+        self._chosen: dict[int, float] = {}  # client -> s chosen this round (instruct.sparsity = "adaptive")
         self._decoded: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]] = {}
         self._mask_cache: dict[tuple[float, int], dict[str, torch.Tensor]] = {}
         self._global_crc: int | None = None
+
+    def _masked(self, name: str) -> bool:
+        """Whether a trainable tensor is sent in packed form (an attention projection, no LoRA)."""
+        return not self.lora and is_attention_param(name, self.block_names)
+
+    def _sent_shapes(self, client_id: int) -> dict[str, tuple[int, ...]]:
+        """The packed upload's shapes at the client's configured s (the adaptive codec sizes them)."""
+        s = self.icfg.client_sparsity(client_id)
+        return {k: (int(keep_count(int(np.prod(v.shape)), s)),) if self._masked(k) else tuple(v.shape)
+                for k, v in self._global.items()}
+
+    def _train_extra(self, grid):
+        """``instruct.sparsity = "adaptive"``: each client's s for this round, from its last known uplink rate."""
+        if not self.icfg.adaptive_sparsity:
+            return None
+        plan = self.compression
+        codec = plan.cfg.codec() if plan is not None and plan.cfg.uplink != "none" else Codec("none")
+        sizes = {k: int(np.prod(v.shape)) for k, v in self._global.items()}
+        masked = [n for k, n in sizes.items() if self._masked(k)]
+        dense = [n for k, n in sizes.items() if not self._masked(k)]
+        self._chosen = {}
+
+        def choose(client_id: int) -> dict:
+            rate = uplink_rate_bps(grid, plan.channel, client_id)
+            s = choose_sparsity(masked, dense, rate, plan.budget_s, codec)
+            bits = sum(codec.encoded_bits(int(keep_count(n, s))) for n in masked) + sum(
+                codec.encoded_bits(n) for n in dense)
+            self._chosen[client_id] = s
+            self.recorder.client(client_id, sparsity_choice=s, sparsity_rate_bps=rate,
+                                 sparsity_expected_s=expected_delay_s(bits, rate))
+            return {SPARSITY_KEY: s}
+        return choose
 
     def configure_train(self, server_round, arrays, config, grid):
         self._decoded, self._mask_cache = {}, {}
@@ -87,6 +125,9 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
         content = msg.content
         arrays, metrics, info = content[self.arrayrecord_key], content[METRICS], content[INFO]
         s, m_seed = float(metrics["sparsity"]), int(metrics["mask-seed"])
+        client_id = self.roster[msg.metadata.src_node_id]
+        if client_id in self._chosen and s != self._chosen[client_id]:
+            return f"sparsity {s:g} while the server chose {self._chosen[client_id]:g} for this round"
         if self.mask_rule == "magnitude" and not self.lora and int(metrics["global-crc"]) != self._global_crc:
             return "trained from another global than this round's (magnitude masks would not match)"
         glob = {k: torch.from_numpy(v.numpy()) for k, v in self._global.items()}
@@ -97,6 +138,10 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
             if key not in self._mask_cache:
                 self._mask_cache[key] = build_attention_masks(glob, self.block_names, s, self.mask_rule, m_seed)
             masks = self._mask_cache[key]
+        decoded = self._plain_arrays(msg, {k: v.numpy() for k, v in pack_sparse(glob, masks).items()})
+        if isinstance(decoded, str):
+            return decoded
+        arrays = decoded
         if set(arrays.keys()) != set(glob):
             extra, missing = sorted(set(arrays.keys()) - set(glob)), sorted(set(glob) - set(arrays.keys()))
             return f"keys differ from the trainable set (unexpected {extra[:3]}, missing {missing[:3]})"
@@ -156,7 +201,8 @@ def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, b
     extra = {"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}
     return STRATEGIES[agg.aggregator](
         block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=agg.aggregator == "fedavg",
-        lora=icfg.use_lora, recorder=recorder,
+        lora=icfg.use_lora, icfg=icfg, recorder=recorder,
+        compression=CompressionPlan(cfg.compression, cfg.wireless, recorder.client),
         sampler=RoundSampler(roster, cfg.clients_per_round, cfg.seed, icfg.num_rounds), example_bounds=example_bounds(cfg),
         min_survivors=agg.min_survivors, max_update_norm=agg.max_update_norm, **extra, **kwargs)
 
@@ -208,7 +254,8 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
         "num_clients": cfg.num_clients,
         "reward": _reward_block(recorder),
         "params": {"shared": sum(v.numel() for v in initial_state.values()), "private": recorder.private_params()},
-        "sparsity": {"per_client": {str(c): icfg.client_sparsity(c) for c in range(cfg.num_clients)},
+        "sparsity": {"per_client": ("adaptive" if icfg.adaptive_sparsity else
+                                    {str(c): icfg.client_sparsity(c) for c in range(cfg.num_clients)}),
                      "mask_rule": icfg.mask_rule, "uplink": "sparse (masked attention values + dense rest)",
                      "downlink": "dense"},
         "reward_weights": {str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)},

@@ -7,6 +7,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
+from pwff_app.compression.server import CompressionPlan
 from pwff_app.config import RunConfig
 from pwff_app.federation.checkpoint import checkpoint_meta
 from pwff_app.federation.checks import example_bounds
@@ -35,6 +36,7 @@ def run_fedavg(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: Array
         recorder=recorder, sampler=RoundSampler(roster, cfg.clients_per_round, cfg.seed, cfg.task.num_rounds),
         example_bounds=example_bounds(cfg), min_survivors=agg.min_survivors,
         max_update_norm=agg.max_update_norm, round_offset=done, checkpoint_meta=checkpoint_meta(cfg),
+        compression=CompressionPlan(cfg.compression, cfg.wireless, recorder.client),
         min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
         **({"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}))
     strategy, privacy = with_dp(strategy, cfg.dp, cfg.round_size)

@@ -353,6 +353,14 @@ class WirelessGrid(Grid):
                 "ClientApp(mods=...)?): its uplink is accounted on the server")
         return transmit(8 * payload_bytes(content), self.cfg, client_id, server_round, "up"), compute_s
 
+    def last_uplink(self, client_id: int) -> LinkResult | None:
+        """The most recent uplink record of ``client_id`` (any round; lost ones included), or None."""
+        for server_round in sorted(self._rounds, reverse=True):
+            for entry in self._rounds[server_round].values():
+                if entry.client_id == client_id and entry.up is not None:
+                    return entry.up
+        return None
+
     # -- results ---------------------------------------------------------------------
 
     def round_stats(self, server_round: int) -> dict:

@@ -1,0 +1,1 @@
+"""Compressed updates with error feedback: codecs, wire format, the client mod, the adaptive choice."""
