@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 
 from pwff_app.compression.codecs import Codec, parse_codec
 
-#: Codecs ``adaptive`` picks from, finest (most bits) first.
-CODEC_LADDER: tuple[str, ...] = ("none", "fp16", "int8", "int4", "topk:0.1", "topk:0.01")
+#: Codecs ``adaptive`` picks from, finest (most bits per element) first: 32, 16, 8.1, 6.4, 4.1, 0.64
+#: (int8 / int4 with 256-element blocks; :func:`choose_codec` orders by the actual bits).
+CODEC_LADDER: tuple[str, ...] = ("none", "fp16", "int8", "topk:0.1", "int4", "topk:0.01")
 #: PFIT shares of attention weights *not* sent that ``instruct.sparsity = "adaptive"`` picks from, densest first.
 SPARSITY_LADDER: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
 
@@ -39,9 +40,9 @@ def choose_codec(numels: Sequence[int], rate_bps: float, budget_s: float, block_
                  ladder: Sequence[str] = CODEC_LADDER) -> Codec:
     """The finest codec of ``ladder`` whose encoded update of tensors of ``numels`` elements
     is expected to cross the uplink at ``rate_bps`` within ``budget_s`` seconds."""
-    codecs = [parse_codec(name, block_size) for name in ladder]
-    bits = [sum(c.encoded_bits(n) for n in numels) for c in codecs]
-    return codecs[choose_finest(bits, rate_bps, budget_s)]
+    sized = sorted(((sum(c.encoded_bits(n) for n in numels), i, c) for i, c in
+                    enumerate(parse_codec(name, block_size) for name in ladder)), key=lambda t: (-t[0], t[1]))
+    return sized[choose_finest([bits for bits, _, _ in sized], rate_bps, budget_s)][2]
 
 
 def choose_sparsity(masked_numels: Sequence[int], dense_numels: Sequence[int], rate_bps: float,
