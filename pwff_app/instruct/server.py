@@ -138,7 +138,7 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
             if key not in self._mask_cache:
                 self._mask_cache[key] = build_attention_masks(glob, self.block_names, s, self.mask_rule, m_seed)
             masks = self._mask_cache[key]
-        decoded = self._plain_arrays(msg, {k: v.numpy() for k, v in pack_sparse(glob, masks).items()})
+        decoded = self._plain_arrays(msg, pack_sparse(glob, masks))
         if isinstance(decoded, str):
             return decoded
         arrays = decoded
