@@ -192,7 +192,7 @@ def handle_pfit_train(msg: Message, context: Context) -> Message:
     trained = trainable_state(lm)
     keep = {_VALUE_PREFIX + n: p.detach().cpu().numpy().copy() for n, p in policy.value_head.named_parameters()}
     keep.update({_LOCAL_PREFIX + n: v.cpu().numpy() for n, v in trained.items()})
-    keep[_SPARSITY] = np.array(s, dtype=np.float64)
+    keep[_SPARSITY] = np.array([s], dtype=np.float64)
     store.save(keep, server_round)
     packed = pack_sparse(trained, masks)
     content = RecordDict({
@@ -231,7 +231,7 @@ def handle_pfit_evaluate(msg: Message, context: Context) -> Message:
     _check_global(local, bundle, method)
     load_trainable_state(lm, {k: torch.from_numpy(np.array(v)) for k, v in local.items()})
     # adaptive: the s the client last trained with (the model was trained under that attention)
-    s = float(private[_SPARSITY]) if cfg.adaptive_sparsity and private and _SPARSITY in private \
+    s = float(private[_SPARSITY].reshape(-1)[0]) if cfg.adaptive_sparsity and private and _SPARSITY in private \
         else cfg.client_sparsity(client_id)
     enable_sparse_attention(lm, bundle.blocks, s)
     enable_sparse_attention(bundle.ref, bundle.blocks, s)
