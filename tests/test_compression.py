@@ -414,3 +414,43 @@ def test_federation_with_int8_and_topk_puts_fewer_bytes_on_the_wire(tiny_data_di
     assert all(b == fp32 for b in uplink["none"])
     assert all(b / fp32 <= 0.26 for b in uplink["int8"])
     assert all(0.19 <= b / fp32 <= 0.21 for b in uplink["topk:0.1"])
+
+
+# ---------------------------------------------------------------- pwff reproduce compression
+
+
+def test_cli_reproduce_compression_runs_the_issue_variants(monkeypatch, tmp_path):
+    from pwff_app.experiments import cli, profiles, reproduce
+
+    seen = {}
+
+    def fake(out, variants, profile, seeds, app_dir, data_dir, client_cpus, client_gpus, title):
+        seen.update(out=out, variants=variants, profile=profile, seeds=seeds, title=title)
+        return reproduce.ReproduceResult(Path(out))
+
+    monkeypatch.setattr(reproduce, "reproduce", fake)
+    assert cli.main(["reproduce", "compression", "--out", str(tmp_path)]) == 0
+    assert seen["profile"] == "quick" and seen["seeds"] == [42, 43, 44] and "compressed" in seen["title"]
+    assert [v.name for v in seen["variants"]] == ["none", "fp16", "int8", "topk0.1-ef", "topk0.1-noef", "adaptive"]
+    for variant in seen["variants"]:  # every run config validates (the adaptive one has its budget)
+        rc = {**run_config(), **profiles.PROFILES["quick"], **variant.overrides, "method": variant.method}
+        assert RunConfig.from_run_config(rc).method == "pftt"
+
+
+def test_accuracy_vs_cumulative_uplink_bytes_is_tabulated_and_plotted(tmp_path):
+    from pwff_app.experiments import tables
+
+    for name, up in (("none", 1000), ("int8", 260)):
+        for seed in (1, 2):
+            d = tmp_path / "runs" / f"{name}-seed{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"method": "pftt", "accuracy": {"mean": 0.8},
+                                                        "config": {"seed": seed}}))
+            (d / "rounds.jsonl").write_text("".join(
+                json.dumps({"round": r, "accuracy_mean": 0.5 + r / 10, "uplink_bytes": up + seed}) + "\n"
+                for r in (1, 2, 3)))
+    rows = tables.aggregate_runs(tables.find_run_dirs(tmp_path), method_order=["none", "int8"])
+    assert rows[1]["uplink_bytes_curve"] == {1: 261.5, 2: 523.0, 3: 784.5}  # cumulative, mean over seeds
+    files = tables.write_outputs(tmp_path, rows)
+    plot = tmp_path / "accuracy_vs_uplink_bytes.png"
+    assert plot in files and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

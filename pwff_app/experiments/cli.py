@@ -2,6 +2,7 @@
 
     pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
                         [--client-cpus 1] [--client-gpus 0.25]
+    pwff reproduce compression [--seeds 3] [--out DIR] [...the same run options]
     pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.main)
 """
 
@@ -49,6 +50,13 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="METHOD", help=f"methods to run (default: all of {' '.join(ALL_METHODS)})")
     _add_run_options(f)
     f.set_defaults(func=_cmd_reproduce_pftt)
+    c = which.add_parser("compression", help="issue 17: PFTT with none, fp16, int8, top-k 0.1 (with and without "
+                                             "error feedback) and adaptive uplinks",
+                         description="PFTT on the quick profile with each uplink codec, several seeds, through "
+                                     "`flwr run` (resuming); writes comparison.csv, comparison.md and PNG plots "
+                                     "(accuracy vs cumulative uplink bytes among them) into --out.")
+    _add_run_options(c)
+    c.set_defaults(func=_cmd_reproduce_compression)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +100,14 @@ def _cmd_reproduce_pftt(args: argparse.Namespace) -> int:
 
     profile = "quick" if args.quick else "full"
     return run_variants(args, args.methods, profile, Path("pwff-reproduce") / f"pftt-{profile}", PFTT_TITLE)
+
+
+def _cmd_reproduce_compression(args: argparse.Namespace) -> int:
+    from pwff_app.experiments.profiles import COMPRESSION_VARIANTS
+    from pwff_app.experiments.tables import COMPRESSION_TITLE
+
+    return run_variants(args, COMPRESSION_VARIANTS, "quick", Path("pwff-reproduce") / "compression-quick",
+                        COMPRESSION_TITLE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

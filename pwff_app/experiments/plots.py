@@ -66,6 +66,30 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return Path(path)
 
 
+def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Accuracy (mean ± std over seeds) against the cumulative uplink bytes of all clients (mean over
+    seeds) at that round, log x: the price in accuracy of each byte saved."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate(rows):
+        sent = row.get("uplink_bytes_curve") or {}
+        points = [(sent[r], m, s or 0.0) for r, m, s, _n in row["curve"] if m is not None and sent.get(r)]
+        if not points:
+            continue
+        x, m, s = (list(v) for v in zip(*points))
+        color = _color(row["method"], i)
+        ax.errorbar(x, m, yerr=s, marker="o", ms=3, lw=1.4, capsize=3, color=color, label=row["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bytes, all clients (log)")
+    ax.set_ylabel("personalized accuracy (mean over clients)")
+    ax.set_title(f"Accuracy vs uplink bytes ({_subtitle(rows)})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def _bar(rows: Sequence[dict[str, Any]], key: str, path: Path, ylabel: str, title: str, log: bool,
          fmt: Callable[[float], str]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -112,4 +136,5 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return [plot_accuracy(rows, out_dir / "accuracy_vs_round.png"),
             plot_uplink_bytes(rows, out_dir / "uplink_bytes_per_round.png"),
-            plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png")]
+            plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png"),
+            plot_accuracy_vs_bytes(rows, out_dir / "accuracy_vs_uplink_bytes.png")]

@@ -82,3 +82,16 @@ def profile_header(profile: str, seeds: Sequence[int]) -> str:
     """The line above the comparison table that says what was run."""
     return (f"Profile `{profile}` ({' '.join(f'{k}={v}' for k, v in PROFILES[profile].items())}; "
             f"pyproject defaults otherwise), seeds {list(seeds)}.")
+
+
+# issue 17: PFTT with compressed uplinks. Labels avoid ':' (they name run folders). The adaptive
+# target (2 s) sits between the expected uplink time of fp16 (2.8 s) and int8 (1.4 s) of PFTT's
+# 1.19 MB update at the default 5 dB / 1 MHz link (ergodic 1.7 Mbit/s): set from the link, not from results.
+COMPRESSION_VARIANTS: tuple[Variant, ...] = (
+    Variant("none", "pftt", {"compression.uplink": "none"}),
+    Variant("fp16", "pftt", {"compression.uplink": "fp16"}),
+    Variant("int8", "pftt", {"compression.uplink": "int8"}),
+    Variant("topk0.1-ef", "pftt", {"compression.uplink": "topk:0.1", "compression.error-feedback": True}),
+    Variant("topk0.1-noef", "pftt", {"compression.uplink": "topk:0.1", "compression.error-feedback": False}),
+    Variant("adaptive", "pftt", {"compression.uplink": "adaptive", "compression.target-delay-s": 2.0}),
+)

@@ -19,6 +19,7 @@ from typing import Any
 from pwff_app.experiments.profiles import ALL_METHODS, variant_of
 
 PFTT_TITLE = "PFTT vs contenders (Fig. 5)"
+COMPRESSION_TITLE = "PFTT with compressed updates (issue 17)"
 
 # Columns of comparison.csv: (key, what it is).
 METRICS: tuple[tuple[str, str], ...] = (
@@ -100,11 +101,15 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     energy = _num(w.get("total_energy_j"))
     comm = s.get("comm") or {}
     curve: list[tuple[int, float]] = []
+    sent: list[tuple[int, float]] = []  # (round, uplink bytes of every client up to and with it)
     rounds_path = run_dir / "rounds.jsonl"
     if rounds_path.exists():
+        total = 0.0
         for line in rounds_path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                total += _num(r.get("uplink_bytes")) or 0.0
+                sent.append((int(r["round"]), total))
                 acc = _num(r.get("accuracy_mean"))
                 if acc is not None:
                     curve.append((int(r["round"]), acc))
@@ -129,6 +134,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "num_clients": _clients_of(s),
         "channel": channel_label(s),
         "curve": curve,
+        "uplink_bytes_curve": sent,
     }
 
 
@@ -143,7 +149,8 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
 def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_METHODS) -> list[dict[str, Any]]:
     """One row per variant (the run folder's name up to ``-seed<S>``; for a plain reproduction the
     method): ``<metric>_mean`` / ``<metric>_std`` over seeds for every metric of :data:`METRICS`,
-    ``n_seeds``, ``seeds`` and the mean +- std accuracy ``curve`` by round. ``method`` is the row's
+    ``n_seeds``, ``seeds``, the mean +- std accuracy ``curve`` by round and the mean cumulative
+    ``uplink_bytes_curve`` (round -> bytes of every client so far). ``method`` is the row's
     label (the variant), ``methods`` the runs' own ``method`` values.
 
     Folders without ``summary.json`` are ignored. Rows follow ``method_order``, then others.
@@ -168,6 +175,11 @@ def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_M
             for rnd, acc in r["curve"]:
                 by_round.setdefault(rnd, []).append(acc)
         row["curve"] = [(rnd, *mean_std(v), len(v)) for rnd, v in sorted(by_round.items())]
+        sent: dict[int, list[float]] = {}
+        for r in runs:
+            for rnd, total in r.get("uplink_bytes_curve", []):
+                sent.setdefault(rnd, []).append(total)
+        row["uplink_bytes_curve"] = {rnd: mean_std(v)[0] for rnd, v in sorted(sent.items())}
         rows.append(row)
     return rows
 
