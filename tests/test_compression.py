@@ -454,3 +454,15 @@ def test_accuracy_vs_cumulative_uplink_bytes_is_tabulated_and_plotted(tmp_path):
     files = tables.write_outputs(tmp_path, rows)
     plot = tmp_path / "accuracy_vs_uplink_bytes.png"
     assert plot in files and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_downlink_cast_halves_the_broadcast_and_the_round_completes(tiny_data_dir, tmp_path):
+    sizes = {}
+    for name, down in (("plain", "none"), ("cast", "bf16")):
+        rc = tiny_config(tiny_data_dir, tmp_path, run_name=name, num_clients=2, task__num_rounds=2,
+                         compression__uplink="int8", compression__downlink=down)
+        run_server(rc, InProcessGrid(rc, 2, app=_app()))
+        rounds = _rounds(tmp_path / name)
+        assert [r["round"] for r in rounds] == [1, 2] and not any(r["events"] for r in rounds)
+        sizes[name] = [c["downlink_bytes"] for r in rounds for c in r["clients"].values()]
+    assert all(2 * c == p for c, p in zip(sizes["cast"], sizes["plain"]))
