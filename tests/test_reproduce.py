@@ -348,3 +348,18 @@ def test_variant_label_of_a_run_folder():
     assert profiles.variant_of("pftt-a8-seed42") == "pftt-a8"
     assert profiles.variant_of("pftt-seed42-20261202-1200") == "pftt"
     assert profiles.variant_of("my-run") == "my-run"
+
+
+def test_out_dir_inside_the_app_must_be_ignored(tmp_path, capsys):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / ".gitignore").write_text("/pwff-reproduce/\n")
+    reproduce.check_out_dir(app / "pwff-reproduce" / "pftt-quick", app)  # ignored: fine
+    reproduce.check_out_dir(tmp_path / "elsewhere", app)  # outside: fine
+    with pytest.raises(ValueError, match="inside the Flower app"):
+        reproduce.check_out_dir(app / "out", app)
+    # the CLI says it in one line and runs nothing
+    assert cli.main(["reproduce", "pftt", "--quick", "--app", str(app), "--out", str(app / "out")]) == 2
+    assert "inside the Flower app" in capsys.readouterr().err
+    # this project's own default output folder is ignored
+    reproduce.check_out_dir(reproduce.APP_DIR / "pwff-reproduce" / "pftt-quick", reproduce.APP_DIR)

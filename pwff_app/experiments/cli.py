@@ -90,8 +90,12 @@ def run_variants(args: argparse.Namespace, variants: Sequence, profile: str, def
         print(tables.markdown_table(rows))
         print("\n".join(str(p) for p in files))
         return 0
-    result = reproduce.reproduce(out, variants, profile, seeds, args.app, args.data_dir,
-                                 args.client_cpus, args.client_gpus, title)
+    try:
+        result = reproduce.reproduce(out, variants, profile, seeds, args.app, args.data_dir,
+                                     args.client_cpus, args.client_gpus, title)
+    except ValueError as err:  # a setting that cannot work: one line, nothing run
+        print(f"pwff: {err}", file=sys.stderr)
+        return 2
     return 1 if result.failed else 0
 
 

@@ -92,6 +92,28 @@ def stored_run_key(run_dir: Path) -> str | None:
         return None
 
 
+def check_out_dir(out_dir: Path, app_dir: Path) -> None:
+    """Refuse an output folder that ``flwr run`` would pack into the app.
+
+    ``flwr run <app>`` bundles the app folder minus what its ``.gitignore`` excludes; an output
+    folder inside it, not ignored, would carry every earlier run's results and the private
+    ``FLWR_HOME`` (with its copy of the app) into the next run's bundle, which Flower refuses
+    (path depth, 10 MB). ``pwff-reproduce/`` is ignored by this project's ``.gitignore``.
+    """
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    try:
+        rel = Path(out_dir).resolve().relative_to(Path(app_dir).resolve())
+    except ValueError:
+        return  # outside the app
+    gitignore = Path(app_dir) / ".gitignore"
+    spec = build_pathspec(tuple(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b"")))
+    if not spec.match_file(f"{rel.as_posix()}/runs/x/summary.json"):
+        raise ValueError(f"--out {out_dir} is inside the Flower app {app_dir} and not in its .gitignore: "
+                         f"`flwr run` would pack it into the app; use a folder outside the app or under "
+                         f"pwff-reproduce/")
+
+
 def _set_aside(run_dir: Path, stale_dir: Path) -> Path:
     """Move a run folder out of ``runs/`` (kept, not deleted), named after its old key."""
     stale_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +137,7 @@ def run_all(out_dir: Path, variants: Sequence[Variant | str] = ALL_METHODS, seed
     launch = launch or launch_flwr_run
     app_dir = Path(app_dir) if app_dir else APP_DIR
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, app_dir)
     runs_dir, logs_dir, flwr_home = out_dir / "runs", out_dir / "logs", (out_dir / "flwr-home").resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
