@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 from flwr.common.config import unflatten_dict
 from pydantic import BeforeValidator, field_validator, model_validator
 
-from pwff_app.config.base import AGGREGATION_KEYS, Bool, Int, NonNegativeInt, PositiveInt, Scalar, Section, Str, section, validated
+from pwff_app.config.base import (
+    AGGREGATION_KEYS, Bool, Int, NonNegativeInt, PositiveInt, Scalar, Section, Selection, Str, section, validated,
+)
 from pwff_app.config.sections import (
     AggregationConfig,
     ChannelConfig,
@@ -41,7 +43,8 @@ class RunConfig(Section):
     method: Str = "pftt"
     seed: Int = 42
     num_clients: PositiveInt = 4  # the server waits for this many SuperNodes
-    clients_per_round: NonNegativeInt = 0  # 0 = all; else this many clients sampled per round (seeded)
+    clients_per_round: NonNegativeInt = 0  # 0 = all; else this many clients selected per round
+    selection: Selection = "random"  # how a round picks its clients_per_round (federation/roster.py)
     results_dir: Annotated[Path, BeforeValidator(_path_text)] = Path()
     run_name: Str = ""
     data_dir: Annotated[Path | None, BeforeValidator(_path_text)] = None
@@ -152,6 +155,25 @@ def method_conflicts(cfg: RunConfig) -> list[str]:
     if cfg.clients_per_round > cfg.num_clients:
         problems.append(f"'clients-per-round' {cfg.clients_per_round} > 'num-clients' {cfg.num_clients}: "
                         f"sample at most every client (0 = all)")
+    link = cfg.wireless
+    if cfg.selection == "all" and cfg.clients_per_round:
+        problems.append(f"'selection' = 'all' trains every client: set 'clients-per-round' = 0 (got "
+                        f"{cfg.clients_per_round}) or pick another selection")
+    if cfg.selection not in ("all", "random") and not cfg.clients_per_round:
+        problems.append(f"'selection' = '{cfg.selection}' picks 'clients-per-round' clients a round: set it > 0 "
+                        f"(0 trains every client)")
+    if cfg.selection in ("best-channel", "proportional-fair", "age") and not link.enabled:
+        problems.append(f"'selection' = '{cfg.selection}' ranks clients by what the link recorded: "
+                        f"it needs 'wireless.enabled' = true")
+    if link.enabled and link.ignored():
+        problems.append(f"{', '.join(repr(k) for k in link.ignored())} not used with 'wireless.scenario' = "
+                        f"'{link.scenario}': leave at the default (docs/radio.md)")
+    if link.deadline_s > 0 and spec.protocol == "split":
+        problems.append(f"'wireless.deadline-s' is not supported for '{cfg.method}' (split learning exchanges "
+                        f"many messages a round): set it to 0")
+    if link.deadline_s > 0 and link.realtime:
+        problems.append("'wireless.deadline-s' with 'wireless.realtime' = true: the deadline is applied to the "
+                        "simulated times only; set one of them off")
     per_round = cfg.round_size
     if agg.aggregator == "trimmed-mean" and agg.trimmed_per_side(per_round) == 0:
         problems.append(f"'trim-fraction' {agg.trim_fraction} with {per_round} clients a round trims "

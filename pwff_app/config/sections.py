@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, Strict, TypeAdapter, field_validato
 from pwff_app.config.base import (
     AGGREGATION_KEYS,
     Aggregator,
+    Allocation,
     Bool,
     Float,
     Int,
@@ -29,6 +30,7 @@ from pwff_app.config.base import (
     Positive,
     PositiveInt,
     Scalar,
+    Scenario,
     Section,
     Str,
     section,
@@ -218,7 +220,7 @@ class FedbertConfig(Section):
 
 @section
 class ChannelConfig(Section):
-    """Wireless link settings (Rayleigh block fading; see ``docs/wireless.md``).
+    """Wireless link settings: Rayleigh block fading (``docs/wireless.md``) or a 3GPP cell (``docs/radio.md``).
 
     ``enabled`` False = an ideal link: nothing delayed, lost or spent. ``seed`` (the run's)
     keys the fading draws. ``snr_db`` is the average receive SNR in dB per client, cycled by
@@ -228,6 +230,17 @@ class ChannelConfig(Section):
     most ``max_retx`` retransmissions of ``packet_bits``-bit packets), ``outage`` (lost below
     ``target_rate_bps``) or ``none``. ``downlink_miss``: ``stale`` (train on the last copy) or
     ``skip`` (sit the round out). ``realtime`` sleeps the simulated delays.
+
+    ``scenario`` ``uma`` / ``umi`` / ``rma`` drops the clients in a TR 38.901 cell
+    (:mod:`pwff_app.wireless.cell`): ``bandwidth_hz`` is then the cell's total band, shared by
+    the clients a round schedules (``allocation``); ``cell_radius_m`` (0 = the scenario's
+    TR 38.901 inter-site distance / sqrt 3) and ``num_rings`` of interfering cells around it, ``cell_load`` of their band in use;
+    ``carrier_frequency_hz``, ``subcarrier_spacing_hz``; open-loop uplink power control
+    (``pc_p0_dbm``, ``pc_alpha``, ``ut_max_power_dbm``); link adaptation to ``bler_target``;
+    ``max_retx`` HARQ retransmissions; ``server_power_w`` is the base station's power.
+    ``snr_db``, ``client_power_w``, ``loss_model``, ``packet_bits``, ``waterfall_db`` and
+    ``target_rate_bps`` belong to ``rayleigh`` only. ``deadline_s`` (0 = none): an update not
+    received this many seconds after its round's downlink is dropped as late.
     """
 
     SECTION: ClassVar[str] = "wireless"
@@ -246,6 +259,34 @@ class ChannelConfig(Section):
     downlink_miss: DownlinkMiss = "stale"
     realtime: Bool = False
     deadline_s: NonNegative = 0.0  # round deadline in s from the round's downlink; 0 = none
+    scenario: Scenario = "rayleigh"  # rayleigh | uma | umi | rma (TR 38.901 cell, docs/radio.md)
+    allocation: Allocation = "equal"  # 3GPP: equal | proportional-fair share of the band per round
+    cell_radius_m: NonNegative = 0.0  # 3GPP: hexagon radius in m; 0 = TR 38.901 Table 7.2-1 ISD / sqrt(3)
+    num_rings: PositiveInt = 1  # 3GPP: rings of interfering cells around the server's
+    cell_load: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0  # 3GPP: share of the other cells' band in use
+    carrier_frequency_hz: Positive = 3.5e9  # 3GPP
+    subcarrier_spacing_hz: Positive = 30e3  # 3GPP: NR numerology 1 (slot 0.5 ms)
+    pc_p0_dbm: Float = -90.0  # 3GPP: open-loop power control P0, target rx power per PRB (TS 38.213 7.1.1)
+    pc_alpha: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0  # 3GPP: path-loss compensation factor
+    ut_max_power_dbm: Float = 23.0  # 3GPP: UE power class 3 (TS 38.101-1 6.2.1)
+    bler_target: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.1  # 3GPP: link adaptation's BLER target
+
+    RAYLEIGH_ONLY: ClassVar[tuple[str, ...]] = (
+        "snr_db", "client_power_w", "loss_model", "packet_bits", "waterfall_db", "target_rate_bps")
+    CELL_ONLY: ClassVar[tuple[str, ...]] = (
+        "allocation", "cell_radius_m", "num_rings", "cell_load", "carrier_frequency_hz", "subcarrier_spacing_hz",
+        "pc_p0_dbm", "pc_alpha", "ut_max_power_dbm", "bler_target")
+
+    @property
+    def cell(self) -> bool:
+        """Whether the link is a 3GPP cell (``uma``, ``umi``, ``rma``) rather than ``rayleigh``."""
+        return self.scenario != "rayleigh"
+
+    def ignored(self) -> list[str]:
+        """Flat keys set away from their default that this scenario does not use."""
+        default = ChannelConfig()
+        unused = self.RAYLEIGH_ONLY if self.cell else self.CELL_ONLY
+        return [f"wireless.{name.replace('_', '-')}" for name in unused if getattr(self, name) != getattr(default, name)]
 
     def client_snr_db(self, client_id: int) -> float:
         """Average SNR in dB of a client's link (the list is cycled over client ids)."""

@@ -142,7 +142,19 @@ class LinkResult:
     gain : float
         Fading power gain ``|h|^2`` of the first attempt.
     snr_db : float
-        Average SNR in dB of this link.
+        Average SNR in dB of this link (3GPP cell: the average SINR, large scale only).
+    distance_m : float
+        3GPP cell: the client's 3D distance in m to the base station; -1 = no geometry (``rayleigh``).
+    sinr_db : float
+        Instantaneous SINR in dB of the first attempt (average x fading gain).
+    mcs : int
+        3GPP cell: the MCS index link adaptation chose; -1 = none (``rayleigh``).
+    bandwidth_hz : float
+        Band in Hz the message used (3GPP cell: the client's scheduled share of the cell's band).
+    bler : float
+        Block (packet) error probability of the first attempt (``outage``: 1.0 in outage, else 0).
+    power_w : float
+        Transmit power in W (3GPP uplink: open-loop power control).
     """
 
     direction: str
@@ -162,6 +174,12 @@ class LinkResult:
     capacity_bps: float
     gain: float
     snr_db: float
+    distance_m: float = -1.0
+    sinr_db: float = 0.0
+    mcs: int = -1
+    bandwidth_hz: float = 0.0
+    bler: float = 0.0
+    power_w: float = 0.0
 
     def to_record(self) -> dict[str, int | float | str | bool]:
         """Flat dict of plain scalars (fits a Flower ``ConfigRecord`` and JSON)."""
@@ -169,8 +187,8 @@ class LinkResult:
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> LinkResult:
-        """Inverse of :meth:`to_record` (extra keys are ignored)."""
-        return cls(**{name: record[name] for name in cls.__dataclass_fields__})
+        """Inverse of :meth:`to_record` (extra keys are ignored; missing fields that have a default take it)."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__ if name in record})
 
 
 def combine_links(first: LinkResult | None, then: LinkResult) -> LinkResult:
@@ -219,7 +237,7 @@ def transmit(
 
     def result(
         bits: int, delay_s: float, delivered: bool, rate: float, capacity: float, gain: float,
-        packets: int = 1, sends: int = 1, attempts: int = 1, lost_packets: int = 0,
+        packets: int = 1, sends: int = 1, attempts: int = 1, lost_packets: int = 0, bler: float = 0.0,
     ) -> LinkResult:  # fmt: skip
         """Fill in the fields every mode shares; energy is always power x air time."""
         return LinkResult(
@@ -227,6 +245,7 @@ def transmit(
             bits=bits, retransmitted_bits=bits - payload_bits, packets=packets, retransmissions=sends - packets,
             attempts=attempts, lost_packets=lost_packets, delay_s=delay_s, energy_j=power_w * delay_s,
             delivered=delivered, rate_bps=rate, capacity_bps=capacity, gain=gain, snr_db=snr_db,
+            sinr_db=snr_db + 10 * math.log10(gain), bandwidth_hz=cfg.bandwidth_hz, bler=bler, power_w=power_w,
         )  # fmt: skip
 
     if not cfg.enabled:
@@ -246,7 +265,9 @@ def transmit(
         rate = cfg.target_rate_bps if cfg.loss_model == "outage" else capacity0
         delivered = cfg.loss_model == "none" or payload_bits == 0 or capacity0 >= cfg.target_rate_bps
         delay_s = payload_bits / rate
-        return result(payload_bits, delay_s, delivered, rate, capacity0, gain0, lost_packets=int(not delivered))
+        outage = cfg.loss_model == "outage" and capacity0 < cfg.target_rate_bps
+        return result(payload_bits, delay_s, delivered, rate, capacity0, gain0, lost_packets=int(not delivered),
+                      bler=float(outage))
 
     # Packet model with selective-repeat ARQ: attempt k resends the packets that failed in
     # attempt k-1 under a fresh gain (it starts a whole attempt later, past the coherence
@@ -275,4 +296,5 @@ def transmit(
     return result(
         bits, delay_s, pending.size == 0, capacity0, capacity0, gain0,
         packets=int(sizes.size), sends=sends, attempts=attempts, lost_packets=int(pending.size),
+        bler=float(packet_error_prob(snr * gain0, m)),
     )  # fmt: skip
