@@ -29,7 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     roster = query_roster(grid, cfg.num_clients, recorder)  # node -> client, fixed before round 1
     if cfg.wireless.enabled:
         # The downlink wraps the Grid; the uplink is the ClientApp's mod.
-        grid = WirelessGrid(grid, cfg.wireless, roster)
+        grid = WirelessGrid(grid, cfg.wireless, roster, num_clients=cfg.num_clients)
         recorder.extra["wireless"] = grid.round_stats
     summary = protocol.run_server(grid, cfg, recorder, resumed, roster)
     wireless = grid.summary_block() if cfg.wireless.enabled else {"enabled": False}

@@ -4,12 +4,15 @@
 on the code before any radio change (commit 716844c): 300 ``transmit`` results and the
 ``wireless`` blocks of a 3-round in-process run with sampling and lossy links. Floats are
 compared with ``==``: bit for bit. Keys added since (new record fields) are allowed; every
-old key must keep its value.
+old key must keep its value. One exception: Flower's FedAvg samples a round's nodes in a random
+order, so a sum over the clients of a round (and what is computed from sums) can differ in its
+last bit from run to run, with the old code too; such aggregates are compared to 1e-12.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pwff_app.config import ChannelConfig
@@ -19,17 +22,20 @@ from tests.fixtures.make_rayleigh_golden import inprocess_run
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "rayleigh_golden.json").read_text())
 
 
-def assert_contains(old: object, new: object, where: str = "") -> None:
-    """Every key of ``old`` is in ``new`` with an identical value (recursively)."""
+def assert_contains(old: object, new: object, where: str = "", exact: bool = True) -> None:
+    """Every key of ``old`` is in ``new`` with an identical value (recursively); with ``exact``
+    False a float may differ by summation order (rel. 1e-12). Per-client rows are exact."""
     if isinstance(old, dict):
         assert isinstance(new, dict), where
         for key, value in old.items():
             assert key in new, f"{where}/{key} missing"
-            assert_contains(value, new[key], f"{where}/{key}")
+            assert_contains(value, new[key], f"{where}/{key}", exact or key == "clients")
     elif isinstance(old, list):
         assert isinstance(new, list) and len(new) == len(old), where
         for i, (a, b) in enumerate(zip(old, new)):
-            assert_contains(a, b, f"{where}[{i}]")
+            assert_contains(a, b, f"{where}[{i}]", exact)
+    elif isinstance(old, float) and not exact:
+        assert type(new) is float and math.isclose(old, new, rel_tol=1e-12), f"{where}: {old!r} != {new!r}"
     else:
         assert old == new and type(old) is type(new), f"{where}: {old!r} != {new!r}"
 
@@ -43,4 +49,4 @@ def test_transmit_is_unchanged_bit_for_bit() -> None:
 
 
 def test_an_inprocess_rayleigh_run_records_the_same_link(tiny_data_dir) -> None:
-    assert_contains(GOLDEN["run"], inprocess_run(tiny_data_dir), "run")
+    assert_contains(GOLDEN["run"], inprocess_run(tiny_data_dir), "run", exact=False)

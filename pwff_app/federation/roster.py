@@ -9,15 +9,19 @@ and a reply whose ``client-id`` is not its node's is rejected as spoofed.
 
 Query messages are a control exchange: they bypass the simulated link, like evaluation.
 
-With ``clients-per-round`` k > 0, each round trains k clients of the roster drawn from
-(seed, round) alone (:class:`RoundSampler`), so a rerun samples alike whatever the node ids.
+With ``clients-per-round`` k > 0, each round trains k clients of the roster picked by the run's
+``selection`` policy (:class:`RoundSampler`, :data:`POLICIES`): ``random`` draws them from
+(seed, round) alone, so a rerun samples alike whatever the node ids; ``best-channel``,
+``proportional-fair`` and ``age`` rank the clients by what the link recorded in earlier rounds
+only (:class:`ClientHistory`: what a base station knows, never the coming fade).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -108,22 +112,113 @@ def sample_clients(client_ids: Iterable[int], k: int, seed: int, server_round: i
 
 
 @dataclass(frozen=True)
+class ClientHistory:
+    """What the server's link knows of a client from the rounds before the one being planned.
+
+    ``last_sinr_db``: the SINR in dB of its latest uplink (None: never heard); ``delivered``:
+    the rounds whose update reached the server in time.
+    """
+
+    last_sinr_db: float | None = None
+    delivered: tuple[int, ...] = ()
+
+
+History = Mapping[int, ClientHistory]  # client id -> what the link knows of it
+PF_DISCOUNT = 0.8  # proportional-fair selection: weight per round of a past delivery (memory ~5 rounds)
+
+
+def _tie_break(ids: list[int], seed: int, server_round: int) -> dict[int, int]:
+    """A seeded random rank per client, to break ties between equal scores."""
+    order = np.random.default_rng([seed, server_round]).permutation(len(ids))
+    return {cid: int(rank) for cid, rank in zip(ids, order)}
+
+
+def _ranked(ids: list[int], k: int, seed: int, server_round: int, score: Callable[[int], float]) -> list[int]:
+    """The ``k`` clients of highest ``score`` (ties: seeded random), sorted."""
+    ties = _tie_break(ids, seed, server_round)
+    return sorted(sorted(ids, key=lambda cid: (-score(cid), ties[cid]))[:k])
+
+
+def _unknown_first(value: float | None) -> float:
+    """A client the link never heard ranks first: every client is measured once."""
+    return math.inf if value is None else value
+
+
+def best_channel_score(history: History, server_round: int) -> Callable[[int], float]:
+    """Last uplink SINR (dB)."""
+    return lambda cid: _unknown_first(history.get(cid, ClientHistory()).last_sinr_db)
+
+
+def proportional_fair_score(history: History, server_round: int) -> Callable[[int], float]:
+    """Jalali's PF metric across rounds: achievable spectral efficiency log2(1 + SINR) of the last
+    uplink over the discounted count of past deliveries ``sum PF_DISCOUNT^(r-1-s)``."""
+    def score(cid: int) -> float:
+        h = history.get(cid, ClientHistory())
+        if h.last_sinr_db is None:
+            return math.inf
+        served = sum(PF_DISCOUNT ** (server_round - 1 - s) for s in h.delivered if s < server_round)
+        return math.log2(1.0 + 10 ** (h.last_sinr_db / 10)) / max(served, 1e-3)
+    return score
+
+
+def age_score(history: History, server_round: int) -> Callable[[int], float]:
+    """Age of the client's last delivered update in rounds (never: the round number)."""
+    return lambda cid: server_round - max((s for s in history.get(cid, ClientHistory()).delivered
+                                           if s < server_round), default=0)
+
+
+# selection -> the score a round ranks clients by (None: not a ranking); ``all`` is k = 0.
+POLICIES: dict[str, Callable[[History, int], Callable[[int], float]] | None] = {
+    "all": None,
+    "random": None,
+    "best-channel": best_channel_score,
+    "proportional-fair": proportional_fair_score,
+    "age": age_score,
+}
+
+
+def select_clients(policy: str, client_ids: Iterable[int], k: int, seed: int, server_round: int,
+                   history: History) -> list[int]:
+    """The clients ``policy`` trains in ``server_round``: ``k`` of ``client_ids`` (0 = all), sorted.
+
+    ``history`` must hold only what earlier rounds recorded. ``random`` is :func:`sample_clients`.
+    """
+    ids = sorted(client_ids)
+    score = POLICIES[policy]
+    if score is None or k == 0 or k >= len(ids):
+        return sample_clients(ids, k, seed, server_round)
+    return _ranked(ids, k, seed, server_round, score(history, server_round))
+
+
+@dataclass(frozen=True)
 class RoundSampler:
-    """Which nodes take part in a round: ``clients_per_round`` of the roster (0 = all), seeded.
+    """Which nodes take part in a round: ``clients_per_round`` of the roster (0 = all), by ``selection``.
 
     A round evaluates the clients it trained; the last round (``last_round``) and a baseline
     evaluation before training (round 0) evaluate every client of the roster, so the final
-    scores cover everyone.
+    scores cover everyone. ``history(r)`` gives what the link recorded before round r (the
+    ranking policies need it; :meth:`pwff_app.wireless.link.WirelessGrid.history`).
     """
 
     roster: Roster
     clients_per_round: int
     seed: int
     last_round: int
+    selection: str = "random"
+    history: Callable[[int], History] | None = field(default=None, compare=False)
+
+    @classmethod
+    def for_run(cls, cfg, roster: Roster, last_round: int, grid: Grid | None = None) -> RoundSampler:
+        """The run's sampler (``cfg``: a :class:`~pwff_app.config.RunConfig`); the link's history
+        comes from ``grid`` when it is a wireless Grid."""
+        return cls(roster, cfg.clients_per_round, cfg.seed, last_round, cfg.selection,
+                   getattr(grid, "history", None))
 
     def train_nodes(self, server_round: int) -> set[int]:
         """The nodes trained in ``server_round`` (counted from the run's start, resumed rounds included)."""
-        chosen = set(sample_clients(self.roster.values(), self.clients_per_round, self.seed, server_round))
+        history = self.history(server_round) if self.history is not None else {}
+        chosen = set(select_clients(self.selection, self.roster.values(), self.clients_per_round, self.seed,
+                                    server_round, history))
         return {node for node, cid in self.roster.items() if cid in chosen}
 
     def evaluate_nodes(self, server_round: int) -> set[int]:

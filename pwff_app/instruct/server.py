@@ -193,17 +193,17 @@ STRATEGIES: dict[str, type[SparsePartialMixin]] = {
 
 
 def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, block_names: Sequence[str],
-                  roster: Roster, **kwargs) -> SparsePartialMixin:
+                  roster: Roster, grid: Grid | None = None, **kwargs) -> SparsePartialMixin:
     """STRATEGIES[cfg.aggregation.aggregator] with the run's aggregation settings and reply checks
-    (``roster``: node -> client, fixed before round 1; ``clients-per-round`` of it train a round);
-    ``kwargs`` go to Flower."""
+    (``roster``: node -> client, fixed before round 1; ``clients-per-round`` of it train a round,
+    picked by ``selection`` with the history of ``grid``'s link); ``kwargs`` go to Flower."""
     agg = cfg.aggregation
     extra = {"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}
     return STRATEGIES[agg.aggregator](
         block_names=block_names, mask_rule=icfg.mask_rule, sparse_fedavg=agg.aggregator == "fedavg",
         lora=icfg.use_lora, icfg=icfg, recorder=recorder,
         compression=CompressionPlan(cfg.compression, cfg.wireless, recorder.client),
-        sampler=RoundSampler(roster, cfg.clients_per_round, cfg.seed, icfg.num_rounds), example_bounds=example_bounds(cfg),
+        sampler=RoundSampler.for_run(cfg, roster, icfg.num_rounds, grid), example_bounds=example_bounds(cfg),
         min_survivors=agg.min_survivors, max_update_norm=agg.max_update_norm, **extra, **kwargs)
 
 
@@ -240,7 +240,7 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
           f"({sum(v.numel() for v in initial_state.values()):,} trainable params shared)", flush=True)
     initial = ArrayRecord({k: Array(v.cpu().numpy()) for k, v in initial_state.items()})
     strategy = make_strategy(
-        cfg, icfg, recorder, bundle.blocks, roster,
+        cfg, icfg, recorder, bundle.blocks, roster, grid,
         checkpoint_meta={"method": cfg.method, "seed": cfg.seed},
         min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
     )

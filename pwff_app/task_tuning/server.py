@@ -33,7 +33,7 @@ def run_fedavg(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: Array
     initial = resumed or ArrayRecord({k: Array(v) for k, v in group_params(model, spec.shared).items()})
     done = len(recorder.rounds)
     strategy = AGGREGATORS[agg.aggregator](
-        recorder=recorder, sampler=RoundSampler(roster, cfg.clients_per_round, cfg.seed, cfg.task.num_rounds),
+        recorder=recorder, sampler=RoundSampler.for_run(cfg, roster, cfg.task.num_rounds, grid),
         example_bounds=example_bounds(cfg), min_survivors=agg.min_survivors,
         max_update_norm=agg.max_update_norm, round_offset=done, checkpoint_meta=checkpoint_meta(cfg),
         compression=CompressionPlan(cfg.compression, cfg.wireless, recorder.client),

@@ -10,6 +10,13 @@ Delays and latencies are reported as mean, median and 95th percentile: under Ray
 the delay ``bits / (B log2(1 + SNR g))`` has an infinite expectation (``E[1/g]`` diverges
 near ``g = 0``), so a sample mean is ruled by the rare deep fades and never settles; the
 median and p95 say what a typical and a bad round cost.
+
+Per client and round a row also says what the radio did (3GPP cell: distance, SINR, MCS,
+allocated band, BLER, HARQ retransmissions) and the update's ``outcome``: ``delivered``,
+``late`` (arrived after ``wireless.deadline-s``), ``lost`` (the channel kept it) or ``none``
+(nothing was sent: a lost downlink under ``skip``). The summary adds per-client means over the
+rounds a client took part in and Jain's fairness index of the updates delivered
+(:func:`jain_index`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class ClientRound:
     down: LinkResult | None = None
     up: LinkResult | None = None
     compute_s: float | None = None
+    late: bool = False  # delivered after the round's deadline (dropped by the server)
 
     @property
     def label(self) -> str:
@@ -60,8 +68,28 @@ def spread(values: Sequence[float], name: str) -> dict[str, float | None]:
             f"p95_{name}": percentile(values, 95)}
 
 
-def client_summary(entry: ClientRound) -> dict[str, int | float | bool | None]:
-    """Per-client row of :func:`summarize_round` (bits, seconds, joules)."""
+def jain_index(values: Sequence[float]) -> float | None:
+    """Jain's fairness index ``(sum x)^2 / (n sum x^2)``: 1 when all are equal, 1/n when one
+    has everything; None for no values or all zero."""
+    square_sum = sum(x * x for x in values)
+    return sum(values) ** 2 / (len(values) * square_sum) if square_sum > 0 else None
+
+
+def outcome(entry: ClientRound) -> str:
+    """``delivered``, ``late``, ``lost`` or ``none`` (no update was sent)."""
+    if entry.up is None:
+        return "lost" if entry.down is not None and not entry.down.delivered else "none"
+    if not entry.up.delivered:
+        return "lost"
+    return "late" if entry.late else "delivered"
+
+
+# Radio fields of a round's row, from the uplink (None when no uplink was sent).
+RADIO_FIELDS = ("distance_m", "sinr_db", "mcs", "bandwidth_hz", "bler", "power_w")
+
+
+def client_summary(entry: ClientRound) -> dict[str, int | float | bool | str | None]:
+    """Per-client row of :func:`summarize_round` (bits, seconds, joules, dB, Hz, m, W)."""
     down, up = entry.down, entry.up
     link = up if up is not None else down
     compute_s = entry.compute_s or 0.0
@@ -90,15 +118,22 @@ def client_summary(entry: ClientRound) -> dict[str, int | float | bool | None]:
         # A client's part of the round: its downlink, its training, its uplink (links are
         # orthogonal, so clients run in parallel and the round waits for the slowest).
         "latency_s": delay_down_s + compute_s + delay_up_s,
+        **{name: getattr(up, name) if up else None for name in RADIO_FIELDS},
+        "mcs_down": down.mcs if down else None,
+        "harq_retransmissions": up.retransmissions if up else 0,
+        "late": entry.late,
+        "outcome": outcome(entry),
     }
 
 
-def summarize_round(entries: Iterable[ClientRound]) -> dict:
+def summarize_round(entries: Iterable[ClientRound], deadline_s: float = 0.0) -> dict:
     """One round: ``clients`` (rows of :func:`client_summary` by client id as a string)
     and totals.
 
     ``latency_s`` is the max over clients of down + compute + up delay (the round waits for the
-    slowest); ``mean/median/p95_client_latency_s`` spread that over the clients, and
+    slowest), capped at ``deadline_s`` when there is one (0 = none: the server stops waiting
+    then); ``late`` counts the updates that arrived after it, ``delivered`` the ones in time;
+    ``mean/median/p95_client_latency_s`` spread the uncapped latencies over the clients, and
     ``mean/median/p95_delay_up_s`` the uplink delays. ``lost_updates`` counts updates the
     channel kept from the server (lost uplinks, and lost downlinks the client could not answer).
     """
@@ -108,10 +143,11 @@ def summarize_round(entries: Iterable[ClientRound]) -> dict:
         return sum(r[key] for r in rows.values())
 
     uplink_delays = [r["delay_up_s"] for r in rows.values() if r["uplink_attempted"]]
+    slowest = max((r["latency_s"] for r in rows.values()), default=0.0)
     return {
         "clients": rows,
         "participants": len(rows),
-        "latency_s": max((r["latency_s"] for r in rows.values()), default=0.0),
+        "latency_s": min(slowest, deadline_s) if deadline_s > 0 else slowest,
         **spread([r["latency_s"] for r in rows.values()], "client_latency_s"),
         **spread(uplink_delays, "delay_up_s"),
         "bits_up": total("bits_up"),
@@ -126,10 +162,13 @@ def summarize_round(entries: Iterable[ClientRound]) -> dict:
         "lost_down": total("lost_down"),
         "lost_up": total("lost_up"),
         "lost_updates": sum(r["lost_up"] or (r["lost_down"] and not r["uplink_attempted"]) for r in rows.values()),
+        "late": sum(r["outcome"] == "late" for r in rows.values()),
+        "delivered": sum(r["outcome"] == "delivered" for r in rows.values()),
     }
 
 
-def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: ChannelConfig | None = None) -> dict:
+def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: ChannelConfig | None = None,
+                  clients: Iterable[int] | None = None) -> dict:
     """The ``wireless`` block of ``summary.json`` from :func:`summarize_round` outputs.
 
     ``mean_uplink_delay_s`` is the mean over rounds of the mean over clients. Because the
@@ -137,6 +176,8 @@ def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: Cha
     infinite: ``E[1/g]`` diverges near ``g = 0``), the median and p95 over all uplinks and,
     given ``cfg``, the ergodic delay ``payload / (B E[log2(1 + SNR g)])`` are reported as well;
     the round latency (``latency_s`` of each round) likewise as mean, median and p95 over rounds.
+    ``per_client`` and ``fairness`` (:func:`per_client_means`) cover ``clients`` (default: those
+    that appear in a round).
     """
     rounds = list(all_round_stats.values()) if isinstance(all_round_stats, Mapping) else list(all_round_stats)
     uplinks = [c for r in rounds for c in r["clients"].values() if c["uplink_attempted"]]
@@ -161,6 +202,8 @@ def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: Cha
         "total_bytes_up": sum(r["bits_up"] for r in rounds) / 8,
         "total_bytes_down": sum(r["bits_down"] for r in rounds) / 8,
         "total_retransmitted_bytes": sum(r["retransmitted_bits"] for r in rounds) / 8,
+        "late_updates": sum(r.get("late", 0) for r in rounds),
+        **per_client_means(rounds, clients),
     }
     if cfg is not None:
         block["ergodic_uplink_delay_s"] = _ergodic_uplink_delay(rounds, cfg)
@@ -168,22 +211,53 @@ def summary_block(all_round_stats: Mapping[int, dict] | Sequence[dict], cfg: Cha
     return block
 
 
+# Per-client means over the rounds a client sent an update in (None values skipped).
+MEAN_FIELDS = (*RADIO_FIELDS, "mcs_down", "harq_retransmissions", "delay_up_s", "delay_down_s", "energy_up_j",
+               "latency_s")
+
+
+def per_client_means(rounds: Sequence[dict], clients: Iterable[int] | None = None) -> dict:
+    """``per_client``: per client, the rounds it was scheduled in, its updates delivered / late /
+    lost and the means of :data:`MEAN_FIELDS` over its uplinks; ``fairness``: Jain's index of the
+    updates delivered per client (:func:`jain_index`, every client in ``clients`` counted, 0 if
+    never scheduled)."""
+    rows: dict[str, list[dict]] = {str(c): [] for c in (clients or ())}
+    for r in rounds:
+        for cid, c in r["clients"].items():
+            rows.setdefault(cid, []).append(c)
+    per_client = {}
+    for cid, taken in sorted(rows.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)):
+        uplinks = [c for c in taken if c["uplink_attempted"]]
+        means = {}
+        for name in MEAN_FIELDS:
+            values = [c[name] for c in uplinks if c.get(name) is not None]
+            means[f"mean_{name}"] = statistics.fmean(values) if values else None
+        per_client[cid] = {"rounds": len(taken), **{f"updates_{o}": sum(c.get("outcome") == o for c in taken)
+                                                     for o in ("delivered", "late", "lost")}, **means}
+    delivered = [c["updates_delivered"] for c in per_client.values()]
+    return {"per_client": per_client, "fairness": {"jain_updates_delivered": jain_index(delivered)}}
+
+
 def _ergodic_uplink_delay(rounds: Sequence[dict], cfg: ChannelConfig) -> float | None:
-    """Mean over rounds of the mean over clients of payload / (B x ergodic capacity)."""
+    """Mean over rounds of the mean over clients of payload / (B x ergodic capacity); B is the
+    band the uplink used (``rayleigh``: the client's own; 3GPP cell: its share) and the SNR the
+    link's average (3GPP: the SINR)."""
     if not cfg.enabled:
         return 0.0
-    capacity = {}  # bit/s per SNR in dB; the integral is not free, SNRs repeat
+    capacity = {}  # bit/s/Hz per SNR in dB; the integral is not free, SNRs repeat
     per_round = []
     for r in rounds:
         delays = []
         for c in r["clients"].values():
             if c["uplink_attempted"]:
                 if c["snr_db"] not in capacity:
-                    capacity[c["snr_db"]] = cfg.bandwidth_hz * ergodic_capacity_bps_per_hz(c["snr_db"])
-                delays.append(c["payload_bits_up"] / capacity[c["snr_db"]])
+                    capacity[c["snr_db"]] = ergodic_capacity_bps_per_hz(c["snr_db"])
+                band = c.get("bandwidth_hz") or cfg.bandwidth_hz  # 0: a record from before the field
+                delays.append(c["payload_bits_up"] / (band * capacity[c["snr_db"]]))
         if delays:
             per_round.append(statistics.fmean(delays))
     return statistics.fmean(per_round) if per_round else None
 
 
-__all__ = ["ClientRound", "client_summary", "percentile", "spread", "summarize_round", "summary_block"]
+__all__ = ["ClientRound", "client_summary", "jain_index", "outcome", "per_client_means", "percentile", "spread",
+           "summarize_round", "summary_block"]

@@ -331,7 +331,7 @@ def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_ro
     ``resume`` (refused for fedbert when the config is read).
     """
     server = SplitServer(cfg, recorder, roster)
-    sampler = RoundSampler(roster, cfg.clients_per_round, cfg.seed, num_rounds)
+    sampler = RoundSampler.for_run(cfg, roster, num_rounds, grid)
     log(INFO, "fedbert: split after layer %d, train=%s, lr=%g, %d nodes, %d a round, %d rounds",
         server.split.split_layer, server.split.train, server.split.lr, len(roster), cfg.round_size, num_rounds)
     for server_round in range(1, num_rounds + 1):
