@@ -85,6 +85,8 @@ def _sionna() -> Any:
 class Drop:
     """Where the clients are and what the large scale does to their links (index = client id).
 
+    ``position_m``: (x, y, z) in m, the server's site at (0, 0, ``bs_height_m``).
+    ``basic_pathloss_db``: TR 38.901 Table 7.4.1-1 for the link's LoS state and distance;
     ``pathloss_db`` is Sionna's TR 38.901 path loss (basic + O2I penetration), ``shadowing_db``
     the shadow fading (positive = a stronger link); ``coupling_loss_db = pathloss_db -
     shadowing_db``. ``interference_w_per_hz``: mean power spectral density in W/Hz the other
@@ -92,12 +94,14 @@ class Drop:
     """
 
     scenario: str
+    position_m: tuple[tuple[float, float, float], ...]
     distance_m: tuple[float, ...]  # 3D distance to the server's site
     distance_2d_m: tuple[float, ...]
     ut_height_m: tuple[float, ...]
     bs_height_m: float
     los: tuple[bool, ...]
     indoor: tuple[bool, ...]
+    basic_pathloss_db: tuple[float, ...]
     pathloss_db: tuple[float, ...]
     shadowing_db: tuple[float, ...]
     interference_w_per_hz: float
@@ -175,11 +179,11 @@ def _drop(key: tuple, num_clients: int) -> Drop:
         return tuple(tensor[0, 0, clients].tolist()) if tensor.dim() == 3 else tuple(tensor[0, clients].tolist())
 
     return Drop(
-        scenario=scenario,
+        scenario=scenario, position_m=tuple(tuple(p) for p in ut_loc[0, clients].tolist()),
         distance_m=values(scenario_obj.distance_3d), distance_2d_m=values(scenario_obj.distance_2d),
         ut_height_m=tuple(ut_loc[0, clients, 2].tolist()), bs_height_m=float(sites[0, 0, 2]),
         los=tuple(bool(x) for x in values(scenario_obj.los)), indoor=tuple(bool(x) for x in indoor[0, clients]),
-        pathloss_db=tuple(pathloss_db[0, clients].tolist()), shadowing_db=tuple(shadowing_db[0, clients].tolist()),
+        basic_pathloss_db=values(scenario_obj.basic_pathloss), pathloss_db=tuple(pathloss_db[0, clients].tolist()), shadowing_db=tuple(shadowing_db[0, clients].tolist()),
         interference_w_per_hz=interference,
     )
 
