@@ -97,9 +97,11 @@ class Drop:
     position_m: tuple[tuple[float, float, float], ...]
     distance_m: tuple[float, ...]  # 3D distance to the server's site
     distance_2d_m: tuple[float, ...]
+    distance_2d_in_m: tuple[float, ...]  # indoor part of the 2D distance (TR 38.901 7.4.3, drawn)
     ut_height_m: tuple[float, ...]
     bs_height_m: float
-    los: tuple[bool, ...]
+    los: tuple[bool, ...]  # LoS of the link (False for an indoor client)
+    outdoor_los: tuple[bool, ...]  # LoS of the outdoor part of the path (what the path loss uses)
     indoor: tuple[bool, ...]
     basic_pathloss_db: tuple[float, ...]
     pathloss_db: tuple[float, ...]
@@ -181,8 +183,10 @@ def _drop(key: tuple, num_clients: int) -> Drop:
     return Drop(
         scenario=scenario, position_m=tuple(tuple(p) for p in ut_loc[0, clients].tolist()),
         distance_m=values(scenario_obj.distance_3d), distance_2d_m=values(scenario_obj.distance_2d),
+        distance_2d_in_m=values(scenario_obj.distance_2d_in),
         ut_height_m=tuple(ut_loc[0, clients, 2].tolist()), bs_height_m=float(sites[0, 0, 2]),
-        los=tuple(bool(x) for x in values(scenario_obj.los)), indoor=tuple(bool(x) for x in indoor[0, clients]),
+        los=tuple(bool(x) for x in values(scenario_obj.los)),
+        outdoor_los=tuple(bool(x) for x in values(scenario_obj.outdoor_los)), indoor=tuple(bool(x) for x in indoor[0, clients]),
         basic_pathloss_db=values(scenario_obj.basic_pathloss), pathloss_db=tuple(pathloss_db[0, clients].tolist()), shadowing_db=tuple(shadowing_db[0, clients].tolist()),
         interference_w_per_hz=interference,
     )
