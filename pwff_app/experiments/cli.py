@@ -3,6 +3,7 @@
     pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
                         [--client-cpus 1] [--client-gpus 0.25]
     pwff reproduce compression [--seeds 3] [--out DIR] [...the same run options]
+    pwff sweep --method pftt --set KEY=V1,V2,... [--base KEY=VALUE ...] [--quick] [--seeds 2] [--out DIR]
     pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.main)
 """
 
@@ -59,10 +60,32 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_reproduce_compression)
 
 
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    from pwff_app.experiments.profiles import PROFILES
+
+    p = sub.add_parser("sweep", help="one method over a grid of one setting (e.g. a wireless one), several seeds",
+                       description="Run METHOD once per value of one run-config key and seed through `flwr run` "
+                                   "(resuming like `reproduce`), then write sweep.md, comparison.md and plots "
+                                   "(accuracy vs the value, vs cumulative air time, vs cumulative uplink energy) "
+                                   "into --out. Example: pwff sweep --method pftt --set wireless.deadline-s=0,20,60 "
+                                   "--base wireless.scenario=uma num-clients=8 clients-per-round=4 --quick")
+    p.add_argument("--method", default="pftt", help="the method to run (default pftt)")
+    p.add_argument("--set", dest="grid", required=True, metavar="KEY=V1,V2,...",
+                   help="the swept run-config key and its values (';' separates values that hold commas)")
+    p.add_argument("--base", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="run-config overrides every run of the sweep shares (num-clients sets the SuperNodes)")
+    p.add_argument("--quick", action="store_true",
+                   help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
+                   + "); default: the paper's profile (40 rounds)")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pwff", description="pwff: personalized wireless federated fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _reproduce_parser(sub)
+    _sweep_parser(sub)
     sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.instruct.rewards)", add_help=False)
     return parser
 
@@ -112,6 +135,32 @@ def _cmd_reproduce_compression(args: argparse.Namespace) -> int:
 
     return run_variants(args, COMPRESSION_VARIANTS, "quick", Path("pwff-reproduce") / "compression-quick",
                         COMPRESSION_TITLE)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pwff_app.experiments import reproduce, sweep
+    from pwff_app.experiments.profiles import build_run_config, profile_header
+
+    profile = "quick" if args.quick else "full"
+    try:
+        key, values = sweep.parse_grid(args.grid)
+        base = {k: sweep.parse_value(v) for k, v in map(sweep.parse_assignment, args.base)}
+        variants = sweep.sweep_variants(args.method, key, values, base)
+        seeds = list(range(args.seed_base, args.seed_base + max(args.seeds, 1)))
+        for v in variants:  # every value is a valid config before anything runs
+            reproduce.expected_config(args.app or reproduce.APP_DIR,
+                                      build_run_config(v, seeds[0], Path("/tmp"), profile), args.data_dir)
+    except ValueError as err:  # a bad --set / --base, or a value the config refuses (ConfigError)
+        print(f"pwff sweep: {err}", file=sys.stderr)
+        return 2
+    out = args.out or Path("pwff-reproduce") / f"sweep-{args.method}-{key.rsplit('.', 1)[-1]}-{profile}"
+    status = run_variants(args, variants, profile, out, f"{args.method}: sweep of {key}")
+    rows, _ = reproduce.tabulate(out, variants, seeds, profile, f"{args.method}: sweep of {key}")
+    if rows:
+        files = sweep.write_sweep(out, rows, variants, key, values, profile_header(profile, seeds))
+        print((out / "sweep.md").read_text())
+        print("\n".join(str(f) for f in files))
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

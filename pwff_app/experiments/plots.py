@@ -131,6 +131,63 @@ def plot_uplink_delay(rows: Sequence[dict[str, Any]], path: Path) -> Path:
                 f"Uplink delay per round, {channel}", log=True, fmt=lambda v: f"{v:.3g} s")
 
 
+def _numeric(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def plot_sweep_score(points: Sequence[tuple[Any, dict[str, Any]]], key: str, path: Path) -> Path:
+    """Final accuracy (mean ± std over seeds) against the swept value (categorical if not numbers)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = [v for v, _ in points]
+    x = values if _numeric(values) else list(range(len(values)))
+    means = [row.get("accuracy_mean") for _, row in points]
+    stds = [row.get("accuracy_std") or 0.0 for _, row in points]
+    shown = [(a, m, s) for a, m, s in zip(x, means, stds) if m is not None]
+    if shown:
+        ax.errorbar([a for a, _, _ in shown], [m for _, m, _ in shown], yerr=[s for _, _, s in shown],
+                    marker="o", capsize=4, lw=1.6, color="#d62728")
+    if not _numeric(values):
+        ax.set_xticks(x, [str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.set_ylabel("final personalized accuracy")
+    ax.set_title(f"Accuracy vs {key} ({_subtitle([row for _, row in points])})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_against(points: Sequence[tuple[Any, dict[str, Any]]], key: str, index: int, xlabel: str,
+                          path: Path) -> Path:
+    """Accuracy by round against a cumulative link quantity (``link_curve`` column ``index``), one line per value."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (value, row) in enumerate(points):
+        curve = [(c[index], c[3]) for c in row.get("link_curve", []) if c[3] is not None]
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3, lw=1.4, color=f"C{i % 10}",
+                    label=f"{key.rsplit('.', 1)[-1]} = {value}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("personalized accuracy (mean over evaluated clients)")
+    ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]} ({_subtitle([row for _, row in points])})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(points: Sequence[tuple[Any, dict[str, Any]]], key: str, out_dir: Path) -> list[Path]:
+    """The sweep's plots: score vs the swept value, accuracy vs cumulative air time and uplink energy."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [plot_sweep_score(points, key, out_dir / "sweep_accuracy.png"),
+            plot_accuracy_against(points, key, 1, "cumulative air time (s)", out_dir / "accuracy_vs_airtime.png"),
+            plot_accuracy_against(points, key, 2, "cumulative uplink energy (J)",
+                                  out_dir / "accuracy_vs_uplink_energy.png")]
+
+
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

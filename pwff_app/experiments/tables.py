@@ -35,6 +35,10 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("median_round_latency_s", "round latency, median (s)"),
     ("p95_round_latency_s", "round latency, p95 (s)"),
     ("uplink_loss_rate", "uplink updates lost"),
+    ("air_time_s", "air time, whole run (s)"),
+    ("uplink_energy_j", "uplink energy, whole run (J)"),
+    ("late_rate", "updates late (share of scheduled)"),
+    ("jain_delivered", "Jain's index of updates delivered"),
 )
 # The tables of comparison.md: (key, header, format). Delay and latency get their own table,
 # with median and p95 beside the mean: the Rayleigh delay's mean is infinite (MD_NOTES).
@@ -92,8 +96,19 @@ def _clients_of(summary: dict[str, Any]) -> int | None:
     return None if n is None else int(n)
 
 
+def air_time_s(wireless_round: dict[str, Any]) -> float:
+    """A round's time on the air in s: the slowest client's downlink + uplink delay, capped at the
+    round's latency (a deadline stops the round). Compute time is left out: it is measured wall
+    time, not the link's."""
+    air = max((c["delay_down_s"] + c["delay_up_s"] for c in wireless_round["clients"].values()), default=0.0)
+    return min(air, wireless_round["latency_s"])
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """The numbers of one finished run folder (its ``summary.json`` and ``rounds.jsonl``)."""
+    """The numbers of one finished run folder (its ``summary.json`` and ``rounds.jsonl``).
+
+    ``link_curve``: per round (round, cumulative air time in s, cumulative uplink energy in J,
+    accuracy_mean or None) from ``rounds.jsonl`` (rounds with link traffic)."""
     run_dir = Path(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
     w = s.get("wireless") or {}
@@ -102,6 +117,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     comm = s.get("comm") or {}
     curve: list[tuple[int, float]] = []
     sent: list[tuple[int, float]] = []  # (round, uplink bytes of every client up to and with it)
+    link_curve: list[tuple[int, float, float, float | None]] = []
+    air = energy_up = 0.0
+    scheduled = late = 0
     rounds_path = run_dir / "rounds.jsonl"
     if rounds_path.exists():
         total = 0.0
@@ -113,6 +131,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
                 acc = _num(r.get("accuracy_mean"))
                 if acc is not None:
                     curve.append((int(r["round"]), acc))
+                link = r.get("wireless")
+                if link and link.get("clients"):
+                    air += air_time_s(link)
+                    energy_up += link["energy_up_j"]
+                    scheduled += link["participants"]
+                    late += link.get("late", 0)
+                    link_curve.append((int(r["round"]), air, energy_up, acc))
     return {
         "variant": variant_of(run_dir.name),
         "method": s.get("method") or variant_of(run_dir.name),
@@ -130,11 +155,16 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "median_round_latency_s": _num(w.get("median_round_latency_s")),
         "p95_round_latency_s": _num(w.get("p95_round_latency_s")),
         "uplink_loss_rate": _num(w.get("loss_rate")),
+        "air_time_s": air if link_curve else None,
+        "uplink_energy_j": energy_up if link_curve else None,
+        "late_rate": late / scheduled if scheduled else None,
+        "jain_delivered": _num((w.get("fairness") or {}).get("jain_updates_delivered")),
         "num_rounds": s.get("num_rounds"),
         "num_clients": _clients_of(s),
         "channel": channel_label(s),
         "curve": curve,
         "uplink_bytes_curve": sent,
+        "link_curve": link_curve,
     }
 
 
@@ -180,8 +210,19 @@ def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_M
             for rnd, total in r.get("uplink_bytes_curve", []):
                 sent.setdefault(rnd, []).append(total)
         row["uplink_bytes_curve"] = {rnd: mean_std(v)[0] for rnd, v in sorted(sent.items())}
+        row["link_curve"] = _mean_link_curve(runs)
         rows.append(row)
     return rows
+
+
+def _mean_link_curve(runs: Sequence[dict[str, Any]]) -> list[tuple[int, float, float, float | None]]:
+    """Per round, the means over seeds of (cumulative air time s, cumulative uplink energy J, accuracy)."""
+    by_round: dict[int, list[tuple[float, float, float | None]]] = {}
+    for r in runs:
+        for rnd, air, energy, acc in r["link_curve"]:
+            by_round.setdefault(rnd, []).append((air, energy, acc))
+    return [(rnd, statistics.fmean(v[0] for v in vals), statistics.fmean(v[1] for v in vals),
+             mean_std(v[2] for v in vals)[0]) for rnd, vals in sorted(by_round.items())]
 
 
 def find_run_dirs(out_dir: Path) -> list[Path]:
