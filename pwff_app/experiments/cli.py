@@ -157,7 +157,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     status = run_variants(args, variants, profile, out, f"{args.method}: sweep of {key}")
     rows, _ = reproduce.tabulate(out, variants, seeds, profile, f"{args.method}: sweep of {key}")
     if rows:
-        files = sweep.write_sweep(out, rows, variants, key, values, profile_header(profile, seeds))
+        every = " ".join(f"{k}={v}" for k, v in base.items()) or "nothing else"
+        header = f"{profile_header(profile, seeds)} Swept `{key}` over {values}; every run also: {every}."
+        files = sweep.write_sweep(out, rows, variants, key, values, header)
         print((out / "sweep.md").read_text())
         print("\n".join(str(f) for f in files))
     return status

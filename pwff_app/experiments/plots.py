@@ -169,7 +169,8 @@ def plot_accuracy_against(points: Sequence[tuple[Any, dict[str, Any]]], key: str
                     label=f"{key.rsplit('.', 1)[-1]} = {value}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("personalized accuracy (mean over evaluated clients)")
-    ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]} ({_subtitle([row for _, row in points])})")
+    seeds = sorted({row["n_seeds"] for _, row in points}) or [0]
+    ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]} (mean over {'/'.join(map(str, seeds))} seed(s))")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

@@ -41,8 +41,8 @@ from pwff_app.config import ChannelConfig
 from pwff_app.config.sections import Direction
 from pwff_app.wireless.channel import LinkResult, db_to_linear, link_rng, rayleigh_gain
 
-# TR 38.901 Table 7.2-1: inter-site distance in m per scenario (the hexagon radius is ISD / sqrt 3).
-ISD_M = {"uma": 500.0, "umi": 200.0, "rma": 1732.0}
+# Inter-site distance in m (TR 38.901 Tables 7.2-1, 7.2-3 for RMa: 5000 m of its 1732 | 5000 m), as Sionna.
+ISD_M = {"uma": 500.0, "umi": 200.0, "rma": 5000.0}
 # TR 38.901 Table 7.8-1 (calibration): noise figures in dB of the base station and the terminal.
 NOISE_FIGURE_DB = {"up": 5.0, "down": 9.0}  # receiver: the BS on the uplink, the UE on the downlink
 THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
