@@ -1,5 +1,6 @@
-"""``pwff sweep``: one method over a grid of one setting (a wireless one: SNR, cell radius,
-deadline, selection, clients per round ...), several seeds, real ``flwr run``s.
+"""``pwff sweep``: one method over a grid of one setting, several seeds, real ``flwr run``s.
+
+The setting is typically a wireless one: SNR, cell radius, deadline, selection, clients per round.
 
 Each value of the swept key is a :class:`~pwff_app.experiments.profiles.Variant` of the method
 (``<key tail>=<value>``, e.g. ``deadline-s=20``) with the ``--base`` overrides under it, run and

@@ -1,4 +1,4 @@
-"""A 3GPP cell (``wireless.scenario`` = ``uma`` | ``umi`` | ``rma``), built on Sionna's pieces.
+"""A 3GPP cell (``wireless.scenario`` = ``uma``, ``umi`` or ``rma``), built on Sionna's pieces.
 
 What Sionna computes (``sionna-no-rt`` 2.2, imported on first use only, never by ``rayleigh``):
 
