@@ -86,6 +86,13 @@ def outcome(entry: ClientRound) -> str:
 
 # Radio fields of a round's row, from the uplink (None when no uplink was sent).
 RADIO_FIELDS = ("distance_m", "sinr_db", "mcs", "bandwidth_hz", "bler", "power_w")
+NOT_MODELLED = {"distance_m": -1.0, "mcs": -1}  # LinkResult's values for "rayleigh has none"
+
+
+def radio(link: LinkResult | None, name: str) -> float | int | None:
+    """A radio field of a link; None when there is no link or the scenario does not model it."""
+    value = getattr(link, name) if link is not None else None
+    return None if value is None or NOT_MODELLED.get(name) == value else value
 
 
 def client_summary(entry: ClientRound) -> dict[str, int | float | bool | str | None]:
@@ -118,8 +125,8 @@ def client_summary(entry: ClientRound) -> dict[str, int | float | bool | str | N
         # A client's part of the round: its downlink, its training, its uplink (links are
         # orthogonal, so clients run in parallel and the round waits for the slowest).
         "latency_s": delay_down_s + compute_s + delay_up_s,
-        **{name: getattr(up, name) if up else None for name in RADIO_FIELDS},
-        "mcs_down": down.mcs if down else None,
+        **{name: radio(up, name) for name in RADIO_FIELDS},
+        "mcs_down": radio(down, "mcs"),
         "harq_retransmissions": up.retransmissions if up else 0,
         "late": entry.late,
         "outcome": outcome(entry),
