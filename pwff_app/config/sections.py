@@ -235,6 +235,7 @@ class ChannelConfig(Section):
     (:mod:`pwff_app.wireless.cell`): ``bandwidth_hz`` is then the cell's total band, shared by
     the clients a round schedules (``allocation``); ``cell_radius_m`` (0 = the scenario's
     TR 38.901 inter-site distance / sqrt 3) and ``num_rings`` of interfering cells around it, ``cell_load`` of their band in use;
+    ``bs_antenna_gain_dbi`` of the base station's antenna (dBi, both directions);
     ``carrier_frequency_hz``, ``subcarrier_spacing_hz``; open-loop uplink power control
     (``pc_p0_dbm``, ``pc_alpha``, ``ut_max_power_dbm``); link adaptation to ``bler_target``;
     ``max_retx`` HARQ retransmissions; ``server_power_w`` is the base station's power.
@@ -264,6 +265,7 @@ class ChannelConfig(Section):
     cell_radius_m: NonNegative = 0.0  # 3GPP: hexagon radius in m; 0 = TR 38.901 Table 7.2-1 ISD / sqrt(3)
     num_rings: PositiveInt = 1  # 3GPP: rings of interfering cells around the server's
     cell_load: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0  # 3GPP: share of the other cells' band in use
+    bs_antenna_gain_dbi: Float = 8.0  # 3GPP: base station antenna gain (TR 38.901 Table 7.3-1 element maximum)
     carrier_frequency_hz: Positive = 3.5e9  # 3GPP
     subcarrier_spacing_hz: Positive = 30e3  # 3GPP: NR numerology 1 (slot 0.5 ms)
     pc_p0_dbm: Float = -90.0  # 3GPP: open-loop power control P0, target rx power per PRB (TS 38.213 7.1.1)
@@ -274,7 +276,7 @@ class ChannelConfig(Section):
     RAYLEIGH_ONLY: ClassVar[tuple[str, ...]] = (
         "snr_db", "client_power_w", "loss_model", "packet_bits", "waterfall_db", "target_rate_bps")
     CELL_ONLY: ClassVar[tuple[str, ...]] = (
-        "allocation", "cell_radius_m", "num_rings", "cell_load", "carrier_frequency_hz", "subcarrier_spacing_hz",
+        "allocation", "cell_radius_m", "num_rings", "cell_load", "bs_antenna_gain_dbi", "carrier_frequency_hz", "subcarrier_spacing_hz",
         "pc_p0_dbm", "pc_alpha", "ut_max_power_dbm", "bler_target")
 
     @property

@@ -89,7 +89,7 @@ class Drop:
     ``basic_pathloss_db``: TR 38.901 Table 7.4.1-1 for the link's LoS state and distance;
     ``pathloss_db`` is Sionna's TR 38.901 path loss (basic + O2I penetration), ``shadowing_db``
     the shadow fading (positive = a stronger link); ``coupling_loss_db = pathloss_db -
-    shadowing_db``. ``interference_w_per_hz``: mean power spectral density in W/Hz the other
+    shadowing_db - antenna_gain_db`` (the base station's antenna gain, both directions). ``interference_w_per_hz``: mean power spectral density in W/Hz the other
     cells' terminals put at the server's site (0 would be an isolated cell).
     """
 
@@ -107,10 +107,11 @@ class Drop:
     pathloss_db: tuple[float, ...]
     shadowing_db: tuple[float, ...]
     interference_w_per_hz: float
+    antenna_gain_db: float = 0.0
 
     @property
     def coupling_loss_db(self) -> tuple[float, ...]:
-        return tuple(p - s for p, s in zip(self.pathloss_db, self.shadowing_db))
+        return tuple(p - s - self.antenna_gain_db for p, s in zip(self.pathloss_db, self.shadowing_db))
 
 
 def cell_radius_m(cfg: ChannelConfig) -> float:
@@ -120,7 +121,8 @@ def cell_radius_m(cfg: ChannelConfig) -> float:
 
 def _drop_key(cfg: ChannelConfig) -> tuple:
     """Everything a drop depends on."""
-    return (cfg.scenario, cfg.seed, cell_radius_m(cfg), cfg.num_rings, cfg.cell_load, cfg.carrier_frequency_hz,
+    return (cfg.scenario, cfg.seed, cell_radius_m(cfg), cfg.num_rings, cfg.cell_load, cfg.bs_antenna_gain_dbi,
+            cfg.carrier_frequency_hz,
             cfg.pc_p0_dbm, cfg.pc_alpha, cfg.ut_max_power_dbm, cfg.bandwidth_hz, cfg.subcarrier_spacing_hz)
 
 
@@ -143,7 +145,7 @@ def channel_model(scenario: str, carrier_frequency_hz: float) -> Any:
 
 @lru_cache(maxsize=4)
 def _drop(key: tuple, num_clients: int) -> Drop:
-    scenario, seed, radius, rings, load, fc, p0, alpha, p_max, bandwidth, scs = key
+    scenario, seed, radius, rings, load, gain, fc, p0, alpha, p_max, bandwidth, scs = key
     sn = _sionna()
     torch = __import__("torch")
     sn.phy.config.seed = seed % 2**63
@@ -160,7 +162,7 @@ def _drop(key: tuple, num_clients: int) -> Drop:
     # [sites, terminals]: TR 38.901 path loss (dB) and shadow fading (linear power factor).
     pathloss_db = lsp.pathloss[0]
     shadowing_db = 10.0 * torch.log10(lsp.sf[0])
-    coupling_db = pathloss_db - shadowing_db
+    coupling_db = pathloss_db - shadowing_db - gain  # every link ends at a site's antenna
     per_cell = 3 * per_sector
     ut_cell = torch.arange(ut_loc.shape[1]) // per_cell
     clients = torch.arange(num_clients)
@@ -188,7 +190,7 @@ def _drop(key: tuple, num_clients: int) -> Drop:
         los=tuple(bool(x) for x in values(scenario_obj.los)),
         outdoor_los=tuple(bool(x) for x in values(scenario_obj.outdoor_los)), indoor=tuple(bool(x) for x in indoor[0, clients]),
         basic_pathloss_db=values(scenario_obj.basic_pathloss), pathloss_db=tuple(pathloss_db[0, clients].tolist()), shadowing_db=tuple(shadowing_db[0, clients].tolist()),
-        interference_w_per_hz=interference,
+        interference_w_per_hz=interference, antenna_gain_db=gain,
     )
 
 
