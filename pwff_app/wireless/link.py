@@ -490,14 +490,6 @@ class WirelessGrid(Grid):
                 "ClientApp(mods=...)?): its uplink is accounted on the server")
         return own, compute_s
 
-    def last_uplink(self, client_id: int) -> LinkResult | None:
-        """The client's most recent uplink record (any round), or None if it never sent one."""
-        for server_round in sorted(self._rounds, reverse=True):
-            for entry in self._rounds[server_round].values():
-                if entry.client_id == client_id and entry.up is not None:
-                    return entry.up
-        return None
-
     def history(self, before_round: int) -> dict[int, ClientHistory]:
         """What the link knows of each client from the rounds before ``before_round``: its latest
         uplink SINR and the rounds whose update arrived (delivered, in time). Selection reads this."""
