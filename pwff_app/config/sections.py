@@ -238,9 +238,9 @@ class ChannelConfig(Section):
     ``bs_antenna_gain_dbi`` of the base station's antenna (dBi, both directions);
     ``carrier_frequency_hz``, ``subcarrier_spacing_hz``; open-loop uplink power control
     (``pc_p0_dbm``, ``pc_alpha``, ``ut_max_power_dbm``); link adaptation to ``bler_target``;
-    ``max_retx`` HARQ retransmissions; ``server_power_w`` is the base station's power.
-    ``snr_db``, ``client_power_w``, ``loss_model``, ``packet_bits``, ``waterfall_db`` and
-    ``target_rate_bps`` belong to ``rayleigh`` only. ``deadline_s`` (0 = none): an update not
+    ``max_retx`` HARQ retransmissions; ``bs_power_dbm`` is the base station's total downlink power (dBm).
+    ``snr_db``, ``client_power_w``, ``server_power_w``, ``loss_model``, ``packet_bits``,
+    ``waterfall_db`` and ``target_rate_bps`` belong to ``rayleigh`` only. ``deadline_s`` (0 = none): an update not
     received this many seconds after its round's downlink is dropped as late.
     """
 
@@ -272,12 +272,13 @@ class ChannelConfig(Section):
     pc_alpha: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0  # 3GPP: path-loss compensation factor
     ut_max_power_dbm: Float = 23.0  # 3GPP: UE power class 3 (TS 38.101-1 6.2.1)
     bler_target: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.1  # 3GPP: link adaptation's BLER target
+    bs_power_dbm: Float = 46.0  # 3GPP: base station total downlink power, dBm (TR 36.814 Table A.2.1.1-2, 10 MHz macro)
 
     RAYLEIGH_ONLY: ClassVar[tuple[str, ...]] = (
-        "snr_db", "client_power_w", "loss_model", "packet_bits", "waterfall_db", "target_rate_bps")
+        "snr_db", "client_power_w", "server_power_w", "loss_model", "packet_bits", "waterfall_db", "target_rate_bps")
     CELL_ONLY: ClassVar[tuple[str, ...]] = (
         "allocation", "cell_radius_m", "num_rings", "cell_load", "bs_antenna_gain_dbi", "carrier_frequency_hz", "subcarrier_spacing_hz",
-        "pc_p0_dbm", "pc_alpha", "ut_max_power_dbm", "bler_target")
+        "pc_p0_dbm", "pc_alpha", "ut_max_power_dbm", "bler_target", "bs_power_dbm")
 
     @property
     def cell(self) -> bool:

@@ -235,7 +235,7 @@ def mean_sinr_db(cfg: ChannelConfig, num_clients: int, client_id: int, direction
     """Average SINR in dB (large scale only, no fading) of a client's link over ``share`` of the band.
 
     Uplink: power-controlled terminal power over its share, against noise + the other cells'
-    interference in that share. Downlink: ``server_power_w`` over the whole band against the
+    interference in that share. Downlink: ``bs_power_dbm`` over the whole band against the
     terminal's noise (the broadcast; other cells' downlinks are not modelled).
     """
     d = drop(cfg, num_clients)
@@ -244,7 +244,7 @@ def mean_sinr_db(cfg: ChannelConfig, num_clients: int, client_id: int, direction
     if direction == "up":
         signal = uplink_power_w(cfg, d.coupling_loss_db[client_id], share) * loss
         return 10 * math.log10(signal / (noise_w(cfg, band, "up") + d.interference_w_per_hz * band))
-    return 10 * math.log10(cfg.server_power_w * loss / noise_w(cfg, cfg.bandwidth_hz, "down"))
+    return 10 * math.log10(dbm_to_w(cfg.bs_power_dbm) * loss / noise_w(cfg, cfg.bandwidth_hz, "down"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def transmit_cell(payload_bits: int, cfg: ChannelConfig, num_clients: int, clien
     num_re = resource_elements(cfg, grant.share)
     mean_db = mean_sinr_db(cfg, num_clients, client_id, direction, grant.share)
     power_w = (uplink_power_w(cfg, d.coupling_loss_db[client_id], grant.share) if direction == "up"
-               else cfg.server_power_w)
+               else dbm_to_w(cfg.bs_power_dbm))
     rngs = [link_rng(cfg.seed, server_round, client_id, direction, k) for k in range(cfg.max_retx + 1)]
     gains = [float(rayleigh_gain(rng)) for rng in rngs]  # drawn first: independent of payload and grant
     sinr_db = [mean_db + 10 * math.log10(g) for g in gains]
