@@ -94,6 +94,16 @@ def test_far_clients_get_lower_sinr_and_lower_mcs() -> None:
     assert mcs == sorted(mcs, reverse=True) and mcs[0] > mcs[-1]
 
 
+def test_the_downlink_is_the_base_stations_power_not_rayleighs_server_power() -> None:
+    # The broadcast's SINR moves dB for dB with wireless.bs-power-dbm; rayleigh's
+    # server-power-w is refused in a cell (it would be ignored).
+    base, louder = cell_config(), cell_config(bs_power_dbm=56.0)
+    for c in range(N):
+        gain = cell.mean_sinr_db(louder, N, c, "down", 1.0) - cell.mean_sinr_db(base, N, c, "down", 1.0)
+        assert gain == pytest.approx(10.0)
+    assert "wireless.server-power-w" in cell_config(server_power_w=20.0).ignored()
+
+
 def test_power_control_follows_ts38213_and_caps_at_the_ue_maximum() -> None:
     cfg = cell_config()
     prb = cell.num_subcarriers(cfg.bandwidth_hz, cfg.subcarrier_spacing_hz) / 12
