@@ -82,6 +82,12 @@ class MethodSpec:
         """Groups trained but never sent."""
         return self.trained - self.shared
 
+    @property
+    def shared_only_view(self) -> bool:
+        """Whether "the shared part alone" is a model of its own: a shared part beside a private
+        LoRA (PFTT). It is the global shared part + the client's head with the LoRA path off."""
+        return self.family == "task" and bool(self.shared) and "lora" in self.private
+
     def is_shared(self, name: str) -> bool:
         return param_group(name) in self.shared
 

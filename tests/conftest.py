@@ -88,7 +88,7 @@ def run_config(**overrides) -> dict:
 def tiny_config(data_dir: Path, results_dir: Path, **overrides) -> dict:
     base = dict(data_dir=str(data_dir), results_dir=str(results_dir), task__num_rounds=2,
                 task__max_train_samples=32, task__max_test_samples=32, task__batch_size=16,
-                task__max_length=32, wireless__enabled=False)
+                task__max_length=32, task__global_test_samples=16, wireless__enabled=False)
     base.update(overrides)
     return run_config(**base)
 

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from pwff_app.config import RunConfig
 from pwff_app.federation.checkpoint import load_checkpoint
-from pwff_app.federation.checks import AllClientsFailed
+from pwff_app.federation.checks import GLOBAL_EVAL, AllClientsFailed
 from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.roster import answer_query, query_roster
 from pwff_app.instruct import runtime, server
@@ -97,8 +97,11 @@ def _stand_in(msg: Message, context: Context) -> Message:
     client_id = int(context.node_config["partition-id"])
     info = {"client-id": client_id, "server-round": int(msg.content["config"]["server-round"])}
     if msg.metadata.message_type == MessageType.EVALUATE:
-        metrics = MetricRecord({"num-examples": 5, "accuracy": 0.5 + client_id / 100, "loss": 1.0})
-        return Message(RecordDict({"metrics": metrics, "info": ConfigRecord(info)}), reply_to=msg)
+        metrics = {"num-examples": 5, "accuracy": 0.5 + client_id / 100, "loss": 1.0}
+        if msg.content["config"].get(GLOBAL_EVAL, False):  # pftt: the global test set, then the shared part alone
+            metrics.update({"global-accuracy": 0.25 + client_id / 100, "global-loss": 1.3,
+                            "shared-only-accuracy": 0.3, "shared-only-loss": 1.2})
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
     arrays = ArrayRecord({k: Array(v.numpy() + (client_id + 1) / 100) for k, v in msg.content["arrays"].items()})
     return Message(RecordDict({
         "arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + client_id, "train-loss": 0.5}),
@@ -170,6 +173,10 @@ EVAL_ATTACKS: dict[int, tuple[Attack, str]] = {
     4: (_metric("loss", math.nan), "'loss' = nan is not a finite number"),
     5: (_drop_metric("accuracy"), "missing ['accuracy']"),
     6: (_metric("num-examples", 10**12), "> bound 32"),
+    7: (_metric("global-accuracy", 1.5), "'global-accuracy' = 1.5 outside [0, 1]"),
+    8: (_metric("shared-only-loss", -1.0), "'shared-only-loss' = -1.0 outside [0, inf]"),
+    9: (_drop_metric("shared-only-accuracy"), "missing ['shared-only-accuracy']"),
+    10: (_metric("global-loss", math.inf), "'global-loss' = inf is not a finite number"),
 }
 
 
@@ -189,8 +196,29 @@ def test_hostile_evaluate_replies_are_rejected_not_averaged(tiny_data_dir, tmp_p
     for client_id, (_, expected) in EVAL_ATTACKS.items():
         assert expected in reasons[client_id], (client_id, reasons[client_id])
         assert "accuracy" not in record["clients"][str(client_id)]  # trained, but not measured
+        assert "global_accuracy" not in record["clients"][str(client_id)]
     honest = [record["clients"][str(c)]["accuracy"] for c in HONEST]
     assert all(0 <= a <= 1 for a in honest) and record["accuracy_mean"] == pytest.approx(np.mean(honest))
+    # the last round asked for the global test set: the honest clients' numbers only
+    assert record["global_accuracy_mean"] == pytest.approx(np.mean([0.25 + c / 100 for c in HONEST]))
+    assert record["shared_only_accuracy_mean"] == pytest.approx(0.3)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["accuracy"]
+    assert set(summary["global_per_client"]) == {str(c) for c in HONEST}
+    assert summary["global_mean"] == pytest.approx(record["global_accuracy_mean"])
+
+
+def test_global_fields_are_refused_where_not_asked_for(tiny_data_dir, tmp_path):
+    """Round 1 of 2 evaluates on the own split only: a reply that adds global fields is rejected;
+    round 2 asks for them: fedlora (no shared-only view) must not send shared-only fields."""
+    rc = tiny_config(tiny_data_dir, tmp_path, run_name="extra", num_clients=3, method="fedlora")
+    run_server(rc, InProcessGrid(rc, 3, app=_app(_stand_in), tamper_types=(MessageType.EVALUATE,),
+                                 tamper=lambda cid, reply: (_metric("global-accuracy", 0.5)(reply) if cid == 2
+                                                            else None) or reply))
+    first, last = _rounds(tmp_path / "extra")
+    assert _reasons(first, "eval-rejected") == {2: "metrics: missing [], unexpected ['global-accuracy']"}
+    reasons = _reasons(last, "eval-rejected")
+    assert set(reasons) == {0, 1, 2} and all("unexpected ['shared-only-accuracy'" in r for r in reasons.values())
+    assert "global_accuracy_mean" not in last
 
 
 def _deep(reply: Message) -> Message:

@@ -39,6 +39,7 @@ from pwff_app.config.base import (
 )
 
 Direction = Literal["up", "down"]
+_AG_NEWS_LABELS = 4  # pwff_app.task_tuning.data.AG_NEWS_CLASSES (config/ stays free of torch)
 
 
 def _sparsity(value: Any) -> Any:
@@ -101,6 +102,23 @@ class TaskConfig(Section):
     lora_rank: PositiveInt = 8  # at resource level 1.0
     lora_alpha: PositiveInt = 16
     resource_levels: NumberList = (1.0, 0.8, 1.0, 0.8)  # per client (cycled), in (0, 1]
+    # The global test set: rows of AG News's test split, as many of each label, the same for every client.
+    global_test_samples: NonNegativeInt = 200  # 0 = no global evaluation; else a multiple of the 4 labels
+    global_eval_every: NonNegativeInt = 0  # also every k rounds; 0 = the final round only
+
+    @field_validator("global_test_samples")
+    @classmethod
+    def _balanced(cls, n: int) -> int:
+        if n % _AG_NEWS_LABELS:
+            raise ValueError(f"must be a multiple of the {_AG_NEWS_LABELS} labels (balanced), got {n}")
+        return n
+
+    def global_eval(self, server_round: int) -> bool:
+        """Whether round ``server_round`` also evaluates on the global test set: the last round,
+        and every ``global_eval_every`` rounds; never when ``global_test_samples`` is 0."""
+        every = self.global_eval_every
+        return self.global_test_samples > 0 and (
+            server_round == self.num_rounds or (every > 0 and server_round > 0 and server_round % every == 0))
 
     @field_validator("resource_levels")
     @classmethod

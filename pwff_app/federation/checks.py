@@ -80,8 +80,10 @@ RANGES: dict[str, Range] = {
     "client-id": COUNT, "server-round": COUNT, "step": COUNT,
     "mask-seed": Range(integer=True), "global-crc": Range(0.0, 2.0 ** 32, open_high=True, integer=True),
     "compute-s": NON_NEGATIVE,
-    # task tuning
+    # task tuning (own test split; global test set; PFTT's shared part alone on the global set)
     "accuracy": Range(0.0, 1.0), "loss": NON_NEGATIVE, "train-loss": NON_NEGATIVE,
+    "global-accuracy": Range(0.0, 1.0), "global-loss": NON_NEGATIVE,
+    "shared-only-accuracy": Range(0.0, 1.0), "shared-only-loss": NON_NEGATIVE,
     # instruction tuning: reward-model scores and KL estimates are real numbers of any sign
     "sparsity": Range(0.0, 1.0, open_high=True),
     "reward-train": FINITE, "help-train": FINITE, "safe-train": FINITE, "reg-reward": FINITE, "kl": FINITE,
@@ -104,15 +106,33 @@ def _kind(arrays: bool, metrics: str, info: str) -> ReplyKind:
 
 _TRAIN_INFO, _EVAL_INFO = "client-id server-round compute-s private-params", "client-id server-round"
 _SPLIT_INFO = "client-id server-round step compute-s"
+_TASK_EVAL, _GLOBAL, _SHARED_ONLY = "num-examples accuracy loss", "global-accuracy global-loss", \
+    "shared-only-accuracy shared-only-loss"
 KINDS: dict[str, ReplyKind] = {
     "task/train": _kind(True, "num-examples train-loss", _TRAIN_INFO),
-    "task/evaluate": _kind(False, "num-examples accuracy loss", _EVAL_INFO),
+    "task/evaluate": _kind(False, _TASK_EVAL, _EVAL_INFO),
+    # an evaluate message with GLOBAL_EVAL set: also the global test set (and PFTT's shared part alone)
+    "task/evaluate+global": _kind(False, f"{_TASK_EVAL} {_GLOBAL}", _EVAL_INFO),
+    "task/evaluate+global+shared-only": _kind(False, f"{_TASK_EVAL} {_GLOBAL} {_SHARED_ONLY}", _EVAL_INFO),
     "instruct/train": _kind(True, "num-examples reward-train help-train safe-train kl reg-reward sparsity "
                             "mask-seed global-crc attention-flops attention-flops-dense upload-bytes", _TRAIN_INFO),
     "instruct/evaluate": _kind(False, "num-examples helpfulness safety combined kl", _EVAL_INFO),
     "split/activations": _kind(True, "num-examples num-steps", _SPLIT_INFO),  # train and evaluate steps
     "split/weights": _kind(True, "num-examples num-steps skipped-backward", _SPLIT_INFO),
 }
+
+
+GLOBAL_EVAL = "global-eval"
+"""Key of a task-family evaluate message's ``config``: True asks the client to also evaluate on
+the global test set (and, where the method has one, its shared part alone)."""
+
+
+def evaluate_kind(base: str, global_eval: bool, shared_only: bool) -> str:
+    """The :data:`KINDS` entry of an evaluate reply: ``base`` (``task/evaluate``), with the global
+    test set's fields when ``global_eval``, and the shared-only fields too when ``shared_only``."""
+    if not global_eval:
+        return base
+    return f"{base}+global" + ("+shared-only" if shared_only else "")
 
 
 def as_number(value: Any) -> float | int | None:

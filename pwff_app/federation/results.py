@@ -4,6 +4,12 @@
 dies later keeps what it measured. ``summary.json`` is written at the end; other tools read
 these fields: ``method``, ``num_rounds``, ``num_clients``, ``params``, ``accuracy`` (task
 methods) or ``reward`` (instruction methods), ``comm`` and ``wireless``.
+
+Besides a client's own score, a round may carry *views* of it (:data:`VIEWS`): the task
+family's ``global_accuracy`` (the client's model on the global test set) and
+``shared_only_accuracy`` (PFTT's shared part alone on it). A round then has
+``<view>_accuracy_mean``, and ``summary.json``'s ``accuracy`` block ``<view>_per_client`` /
+``<view>_mean`` (each client's value in the last round that measured it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from pwff_app.files import write_json_atomic
+
+
+VIEWS: tuple[str, ...] = ("global", "shared_only")
+"""Prefixes of per-client score views: ``<view>_<score_key>`` in a client's round record."""
 
 
 def default_run_name(method: str, seed: int) -> str:
@@ -73,6 +83,10 @@ class RunRecorder:
             "elapsed_s": round(time.time() - self._started, 3),
             **self._info,
         }
+        for view in VIEWS:
+            values = [c[f"{view}_{self.score_key}"] for c in clients.values() if f"{view}_{self.score_key}" in c]
+            if values:
+                record[f"{view}_{self.score_key}_mean"] = statistics.fmean(values)
         for name, fn in self.extra.items():
             record[name] = fn(server_round)
         self.rounds.append(record)
@@ -85,6 +99,8 @@ class RunRecorder:
     def _print(self, r: dict[str, Any]) -> None:
         mean, low = r[f"{self.score_key}_mean"], r[f"{self.score_key}_min"]
         score = f"{self.score_key} mean {mean:.4f} min {low:.4f}" if mean is not None else f"{self.score_key} n/a"
+        score += "".join(f" | {view.replace('_', '-')} {r[f'{view}_{self.score_key}_mean']:.4f}"
+                         for view in VIEWS if f"{view}_{self.score_key}_mean" in r)
         line = (f"[pwff] round {r['round']:>3} | {score} | up {r['uplink_bytes']:,} B | "
                 f"down {r['downlink_bytes']:,} B")
         wireless = r.get("wireless")
@@ -107,15 +123,25 @@ class RunRecorder:
             out[f"{direction}_bytes_per_round"] = {"per_client": means, "total": sum(means.values())}
         return out
 
-    def final_scores(self) -> dict[str, Any]:
-        """Each client's score in the last round it was measured, and their mean."""
+    def _last(self, key: str) -> dict[str, Any]:
+        """Each client's ``key`` in the last round that measured it, by client id."""
         last: dict[str, Any] = {}
         for r in self.rounds:
             for cid, c in r["clients"].items():
-                if self.score_key in c:
-                    last[cid] = c[self.score_key]
-        last = dict(sorted(last.items(), key=lambda kv: int(kv[0])))
-        return {"per_client": last, "mean": statistics.fmean(last.values()) if last else None}
+                if key in c:
+                    last[cid] = c[key]
+        return dict(sorted(last.items(), key=lambda kv: int(kv[0])))
+
+    def final_scores(self) -> dict[str, Any]:
+        """Each client's score in the last round it was measured, and their mean; likewise each
+        :data:`VIEWS` entry that some round measured (``global_per_client``, ``global_mean``, ...)."""
+        last = self._last(self.score_key)
+        out = {"per_client": last, "mean": statistics.fmean(last.values()) if last else None}
+        for view in VIEWS:
+            values = self._last(f"{view}_{self.score_key}")
+            if values:
+                out.update({f"{view}_per_client": values, f"{view}_mean": statistics.fmean(values.values())})
+        return out
 
     def private_params(self) -> dict[str, int]:
         """Each client's count of private (never sent) parameters, as its replies reported it."""

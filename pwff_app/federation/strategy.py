@@ -29,7 +29,8 @@ from flwr.supercore import log
 from pwff_app.compression.server import CompressionPlan
 from pwff_app.federation.checkpoint import save_checkpoint
 from pwff_app.federation.checks import (
-    INFO, KINDS, METRICS, ExampleBounds, arrays_problem, reply_problem, stop_if_all_failed,
+    GLOBAL_EVAL, INFO, KINDS, METRICS, ExampleBounds, arrays_problem, evaluate_kind, reply_problem,
+    stop_if_all_failed,
 )
 from pwff_app.federation.payload import arrayrecord_payload_bytes, payload_bytes
 from pwff_app.federation.results import RunRecorder
@@ -51,6 +52,9 @@ class _PartialMixin:
             the recorder's folder, with this dict beside them.
         compression: each client's uplink codec per round, the downlink cast, and the decoding
             of encoded replies before their checks (:mod:`pwff_app.compression.server`); None = off.
+        global_eval: ``round -> bool``: whether that round's evaluate messages also ask for the
+            global test set (``config[GLOBAL_EVAL] = True``); None: never.
+        shared_only: whether such replies also carry the shared part alone (PFTT).
         **kwargs: passed to the Flower strategy.
     """
 
@@ -60,8 +64,11 @@ class _PartialMixin:
     def __init__(self, recorder: RunRecorder, sampler: RoundSampler, example_bounds: ExampleBounds,
                  min_survivors: int = 1, max_update_norm: float = 0.0, round_offset: int = 0,
                  checkpoint_meta: dict | None = None, compression: CompressionPlan | None = None,
+                 global_eval: Callable[[int], bool] | None = None, shared_only: bool = False,
                  **kwargs) -> None:
         super().__init__(**kwargs)
+        self.global_eval = global_eval or (lambda server_round: False)
+        self.shared_only = shared_only
         self.recorder = recorder
         self.sampler = sampler
         self.roster = dict(sampler.roster)
@@ -93,10 +100,13 @@ class _PartialMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Flower's evaluate messages for the round's nodes; remembers the global to checkpoint."""
+        """Flower's evaluate messages for the round's nodes (with :data:`GLOBAL_EVAL` in rounds that
+        evaluate on the global test set); remembers the global to checkpoint."""
         self._aggregated = arrays  # the round's global weights after aggregation
         server_round += self.round_offset
         nodes = self.sampler.evaluate_nodes(server_round)
+        if self.global_eval(server_round):
+            config = ConfigRecord({**config, GLOBAL_EVAL: True})  # a copy: Flower reuses its record each round
         return self._to(nodes, super().configure_evaluate(server_round, arrays, config, grid))
 
     @staticmethod
@@ -106,7 +116,8 @@ class _PartialMixin:
 
     def _envelope_problem(self, msg: Message, server_round: int, train: bool) -> str | None:
         """Records and fields of a reply (:func:`reply_problem`) with this run's roster, round and bound."""
-        kind = KINDS[self.REPLY_KINDS[0 if train else 1]]
+        kind = KINDS[self.REPLY_KINDS[0] if train else
+                     evaluate_kind(self.REPLY_KINDS[1], self.global_eval(server_round), self.shared_only)]
         bound = self.example_bounds.train if train else self.example_bounds.evaluate
         return reply_problem(msg.content, kind, client_id=self.roster.get(msg.metadata.src_node_id),
                              server_round=server_round, max_examples=bound)

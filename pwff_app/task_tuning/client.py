@@ -2,7 +2,9 @@
 
 Train: load private state, take the global shared arrays from the message, train locally,
 keep what is private, reply with exactly the shared arrays. Evaluate: the same model
-(global shared + own private parts) on the client's own test split.
+(global shared + own private parts) on the client's own test split, and where the message's
+config sets :data:`~pwff_app.federation.checks.GLOBAL_EVAL`, also on the global test set
+(:func:`~pwff_app.task_tuning.train.generalization`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pwff_app.config import RunConfig
+from pwff_app.federation.checks import GLOBAL_EVAL
 from pwff_app.federation.state import PrivateStore
 from pwff_app.task_tuning.model import count_params, group_params
-from pwff_app.task_tuning.train import ClientTask, evaluate_model, local_lr, prepared_task, train_local
+from pwff_app.task_tuning.train import (
+    ClientTask, evaluate_model, generalization, local_lr, prepared_task, train_local,
+)
 
 
 def _prepare(msg: Message, context: Context, private_upto: int) -> tuple[RunConfig, int, int, ClientTask, PrivateStore]:
@@ -46,10 +51,13 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Accuracy and loss of global shared + own private parts on the client's own test split."""
+    """Accuracy and loss of global shared + own private parts on the client's own test split
+    (and on the global test set when the message asks: ``global-*``, ``shared-only-*``)."""
     # Evaluation after round r uses the private state that round r's training left.
-    _, client_id, server_round, task, _ = _prepare(msg, context, private_upto=0)
+    cfg, client_id, server_round, task, _ = _prepare(msg, context, private_upto=0)
     metrics = evaluate_model(task.model, task.test_loader, task.device, task.dtype)
+    if msg.content["config"].get(GLOBAL_EVAL, False) is True:
+        metrics.update(generalization(cfg, task))
     content = RecordDict({
         "metrics": MetricRecord({"num-examples": task.num_test, **metrics}),
         "info": ConfigRecord({"client-id": client_id, "server-round": server_round}),

@@ -9,6 +9,13 @@ Non-IID split: one :class:`flwr_datasets.partitioner.DirichletPartitioner` over 
 train and test *together* (a ``split`` column tells them apart), so each client's test rows
 follow the same label mix as its train rows and personalised accuracy is measured on the
 client's own distribution.
+
+Global test set (:func:`global_test_split`): ``task.global-test-samples`` rows of the *test*
+split, the same number of each label, drawn with a fixed seed of its own
+(:data:`GLOBAL_TEST_SEED`, not the run's seed), so every client, method and seed is measured on
+the same rows; it measures how a personalised model does outside its own label mix. Clients
+never train on test rows, so it shares nothing with any client's training rows (it may share
+rows with some client's own test split: both are held out).
 """
 
 from __future__ import annotations
@@ -36,8 +43,12 @@ _TRAIN_FILE = Path("ag_news") / "noisyag_samples10000valMed.csv"
 _TEST_FILE = Path("ag_news") / "test.csv"
 
 
-__all__ = ["AG_NEWS_CLASSES", "DataNotFoundError", "batches", "client_rows", "client_split", "label_distribution",
-           "label_skew", "load_ag_news", "preflight", "tokenize"]
+GLOBAL_TEST_SEED = 18_000_018
+"""Seed of the global test set's draw: fixed, independent of the run's seed and its Dirichlet split."""
+
+__all__ = ["AG_NEWS_CLASSES", "DataNotFoundError", "GLOBAL_TEST_SEED", "batches", "client_rows", "client_split",
+           "global_rows", "global_test_split", "label_distribution", "label_skew", "load_ag_news", "preflight",
+           "tokenize"]
 
 
 def _read_local(data_dir: Path) -> tuple[Dataset, Dataset]:
@@ -80,7 +91,11 @@ def preflight(cfg: RunConfig) -> list[str]:
     train, test = load_ag_news(cfg.data_dir, cfg.task.dataset)
     where = f"folder {cfg.data_dir}" if cfg.data_dir is not None else f"Hub {cfg.task.dataset!r}"
     path = encoder_path(cfg.task.model_name, "encoder", "set 'task.model-name' to a local folder or a Hub id")
-    return [f"AG News ({where}: {len(train)} train / {len(test)} test rows)", f"encoder {path}"]
+    checked = [f"AG News ({where}: {len(train)} train / {len(test)} test rows)", f"encoder {path}"]
+    if cfg.task.global_test_samples:
+        global_test_split(cfg.data_dir, cfg.task.dataset, cfg.task.global_test_samples)
+        checked.append(f"global test set ({cfg.task.global_test_samples} balanced test rows)")
+    return checked
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,3 +189,38 @@ def client_rows(data_dir: Path | None, dataset_id: str, tokenizer_name: str, par
     train, test = client_split(data_dir, dataset_id, partition_id, num_partitions, alpha, seed, max_train, max_test)
     tokenizer = load_tokenizer(tokenizer_name)
     return tokenize(train, tokenizer, max_length), tokenize(test, tokenizer, max_length)
+
+
+def global_test_split(data_dir: Path | None, dataset_id: str, num_rows: int) -> Dataset:
+    """``num_rows`` rows of AG News's test split, ``num_rows / 4`` of each label (in test-split order).
+
+    Drawn without replacement with :data:`GLOBAL_TEST_SEED`: the same rows for every client, run
+    and seed. Raises :class:`DataNotFoundError` (one line) when ``num_rows`` is not a multiple of
+    the labels or a label has fewer test rows than asked.
+    """
+    per_label, rest = divmod(num_rows, len(AG_NEWS_CLASSES))
+    if rest or num_rows <= 0:
+        raise DataNotFoundError(f"global test set: {num_rows} rows is not a positive multiple of "
+                                f"{len(AG_NEWS_CLASSES)} labels ('task.global-test-samples')")
+    _, test = load_ag_news(data_dir, dataset_id)
+    labels = np.asarray(test["label"])
+    rng = np.random.default_rng(GLOBAL_TEST_SEED)
+    chosen = []
+    for label in range(len(AG_NEWS_CLASSES)):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) < per_label:
+            raise DataNotFoundError(f"global test set: {per_label} rows of label {label} asked "
+                                    f"('task.global-test-samples' = {num_rows}), the test split has {len(rows)}")
+        chosen.append(rng.choice(rows, size=per_label, replace=False))
+    return test.select(np.sort(np.concatenate(chosen)))
+
+
+@functools.lru_cache(maxsize=4)
+def global_rows(data_dir: Path | None, dataset_id: str, tokenizer_name: str, num_rows: int,
+                max_length: int) -> TensorDataset:
+    """The global test set (:func:`global_test_split`), tokenized once per worker process.
+
+    Keyed by everything that defines it; the same object serves every client of the process.
+    Callers must not write into the tensors.
+    """
+    return tokenize(global_test_split(data_dir, dataset_id, num_rows), load_tokenizer(tokenizer_name), max_length)

@@ -15,15 +15,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -130,6 +132,28 @@ def insert_lora(backbone: PreTrainedModel, rank: int, alpha: int, layers: list[i
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         layers_to_transform=layers)
     inject_adapter_in_model(config, backbone)
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every LoRA path switched off (PEFT's ``enable_adapters(False)``), restored after.
+
+    Inside, each LoRA-wrapped projection computes its frozen base layer alone, exactly as if no
+    LoRA had been injected; bottleneck adapters and the head are untouched. The LoRA weights
+    are not read, so they need not be zeroed or copied. ``requires_grad`` of every parameter is
+    restored on exit (PEFT's toggle rewrites it).
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads[name])
 
 
 def num_hidden_layers(backbone: PreTrainedModel) -> int:

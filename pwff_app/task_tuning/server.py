@@ -37,6 +37,7 @@ def run_fedavg(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: Array
         example_bounds=example_bounds(cfg), min_survivors=agg.min_survivors,
         max_update_norm=agg.max_update_norm, round_offset=done, checkpoint_meta=checkpoint_meta(cfg),
         compression=CompressionPlan(cfg.compression, cfg.wireless, recorder.client),
+        global_eval=cfg.task.global_eval, shared_only=spec.shared_only_view,
         min_train_nodes=cfg.num_clients, min_evaluate_nodes=cfg.num_clients, min_available_nodes=cfg.num_clients,
         **({"beta": agg.trim_fraction} if agg.aggregator == "trimmed-mean" else {}))
     strategy, privacy = with_dp(strategy, cfg.dp, cfg.round_size)

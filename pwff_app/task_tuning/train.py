@@ -6,6 +6,7 @@ knows models, data and the method's spec.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Mapping
@@ -18,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from pwff_app.config import RunConfig
 from pwff_app.device import autocast, compute_dtype, place, resolve_device, to_device
-from pwff_app.task_tuning.data import AG_NEWS_CLASSES, batches, client_rows
+from pwff_app.task_tuning.data import AG_NEWS_CLASSES, batches, client_rows, global_rows
 from pwff_app.methods import METHODS, MethodSpec
-from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_params
+from pwff_app.task_tuning.model import EncoderClassifier, build_task_model, load_params, lora_disabled
 
 
 @dataclass
@@ -181,3 +182,26 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device = 
         correct += (logits.argmax(-1) == labels).sum()
         seen += len(labels)
     return {"accuracy": int(correct) / max(seen, 1), "loss": float(total) / max(seen, 1)}
+
+
+def generalization(cfg: RunConfig, task: ClientTask) -> dict[str, float]:
+    """The client's model on the global test set (:func:`~pwff_app.task_tuning.data.global_rows`).
+
+    ``global-accuracy`` / ``global-loss``: the model as :meth:`evaluate_model` on the own split
+    uses it, i.e. the global shared part + the client's private part (its full personalised
+    model). Where the method has a shared-only view (PFTT, :attr:`MethodSpec.shared_only_view`)
+    also ``shared-only-accuracy`` / ``shared-only-loss``: the same model with every private LoRA
+    path off (:func:`~pwff_app.task_tuning.model.lora_disabled`): global adapters + the frozen
+    encoder + the client's own head, what the federation learned. Loss: mean cross-entropy (nats).
+    """
+    t = cfg.task
+    loader = batches(global_rows(cfg.data_dir, t.dataset, t.model_name, t.global_test_samples, t.max_length),
+                     2 * t.batch_size, shuffle=False)
+    views = [("global", contextlib.nullcontext())]
+    if task.spec.shared_only_view:
+        views.append(("shared-only", lora_disabled(task.model)))
+    out: dict[str, float] = {}
+    for name, view in views:
+        with view:
+            out.update({f"{name}-{k}": v for k, v in evaluate_model(task.model, loader, task.device, task.dtype).items()})
+    return out

@@ -22,9 +22,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from pwff_app.config import RunConfig
 from pwff_app.device import place, placement, to_device
-from pwff_app.task_tuning.data import client_rows
+from pwff_app.task_tuning.data import client_rows, global_rows
 from pwff_app.task_tuning.fedbert.model import (
-    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, ClientBottom, SplitConfig,
+    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, TEST_SET, TEST_SETS, ClientBottom,
+    SplitConfig,
     client_backward, client_forward, new_optimizer, new_task_model, split_model, trained_arrays, trim_padding,
 )
 from pwff_app.task_tuning.model import load_params
@@ -77,6 +78,17 @@ def client_data(cfg: RunConfig, client_id: int, num_partitions: int) -> tuple[Ro
     train, test = client_rows(cfg.data_dir, t.dataset, t.model_name, client_id, num_partitions, t.alpha, cfg.seed,
                               t.max_train_samples, t.max_test_samples, t.max_length)
     return train.tensors, test.tensors
+
+
+def evaluation_rows(cfg: RunConfig, client_id: int, num_partitions: int, test_set: str) -> Rows:
+    """The rows an EVALUATE exchange runs on: the client's own test split (``own``) or the
+    global test set (``global``, :func:`~pwff_app.task_tuning.data.global_rows`, the same for every client)."""
+    if test_set not in TEST_SETS:
+        raise ValueError(f"fedbert: unknown test set {test_set!r}, expected one of {TEST_SETS}")
+    if test_set == "own":
+        return client_data(cfg, client_id, num_partitions)[1]
+    t = cfg.task
+    return global_rows(cfg.data_dir, t.dataset, t.model_name, t.global_test_samples, t.max_length).tensors
 
 
 def train_batches(num_rows: int, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
@@ -301,8 +313,9 @@ def handle_split_message(msg: Message, context: Context) -> Message:
     else ``grad.<step-1>``. The client applies the backward of step - 1 (recomputing its
     forward), then either runs the forward of batch ``step`` and replies activations, mask,
     labels (``final`` false) or replies its bottom's trained weights (``final`` true).
-    EVALUATE ``config`` = {server-round, step}; ``arrays`` = the global bottom at step 0; the
-    reply holds the activations of test batch ``step``.
+    EVALUATE ``config`` = {server-round, step, test-set}; ``arrays`` = the global bottom at step 0;
+    the reply holds the activations of batch ``step`` of the test set named (``own``, the default:
+    the client's test split; ``global``: the global test set).
 
     Replies carry one ArrayRecord ``arrays``, one MetricRecord ``metrics`` (``num-examples``,
     ``num-steps``) and ConfigRecord ``info`` (``client-id``, ``compute-s`` in seconds,
@@ -316,7 +329,6 @@ def handle_split_message(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[CONFIG]
     server_round, step = int(config["server-round"]), int(config["step"])
     kind = msg.metadata.message_type.split(".")[0]
-    train_rows, test_rows = client_data(cfg, client_id, num_partitions)
     device, dtype = placement(cfg.device, cfg.precision)
     live = _load_live(context, cfg, split, device, dtype)
     meta_record = context.state.config_records.get(_META)
@@ -324,9 +336,10 @@ def handle_split_message(msg: Message, context: Context) -> Message:
     call = _Call(msg, context, cfg, split, client_id, server_round, step, live, meta, device, dtype)
 
     if kind == MessageType.TRAIN:
-        arrays, metrics = _train(call, train_rows, bool(config.get("final", False)))
+        arrays, metrics = _train(call, client_data(cfg, client_id, num_partitions)[0], bool(config.get("final", False)))
     elif kind == MessageType.EVALUATE:
-        arrays, metrics = _evaluate(call, test_rows)
+        arrays, metrics = _evaluate(call, evaluation_rows(cfg, client_id, num_partitions,
+                                                          str(config.get(TEST_SET, "own"))))
     else:
         raise ValueError(f"fedbert: unexpected message type {msg.metadata.message_type!r}")
 
@@ -339,4 +352,4 @@ def handle_split_message(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-__all__ = ["client_data", "eval_batches", "handle_split_message", "select_batch", "step_seed", "train_batches"]
+__all__ = ["client_data", "eval_batches", "evaluation_rows", "handle_split_message", "select_batch", "step_seed", "train_batches"]

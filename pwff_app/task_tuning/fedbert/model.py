@@ -50,6 +50,8 @@ FULL_FINETUNE_LR = 5e-5  # BERT fine-tuning range 2e-5..5e-5 (Devlin et al. 2019
 ARRAYS, CONFIG, METRICS, INFO_KEY = "arrays", "config", "metrics", "info"
 ACTIVATIONS, MASK, LABELS = "activations", "attention-mask", "labels"
 GRAD_PREFIX = "grad."  # + step index: the gradient for the activations of that step
+# EVALUATE config key: which rows a client runs its bottom on, its own test split or the global test set.
+TEST_SET, TEST_SETS = "test-set", ("own", "global")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,12 @@ Per round, per client (the server speaks first: a ClientApp cannot send unsolici
     step S        TRAIN  {arrays: grad.<S-1>,     config: round, step=S, final} -> bottom weights
 
 then, per client, EVALUATE messages carry the new global bottom (step 0) and fetch the
-activations of each test batch; the server's top turns them into accuracy and loss.
+activations of each test batch; the server's top turns them into accuracy and loss. In rounds
+that evaluate on the global test set (``task.global_eval``), a second such exchange per client
+runs on it (config ``test-set = "global"``) and is recorded as ``global_accuracy`` /
+``global_loss``. FedBERT has no private part: every client runs the same global bottom, so its
+global accuracy is the same for every client (the exchange still runs per client, the server
+holding no data).
 
 Traffic (``RunRecorder.client``): ``downlink_bytes`` = the bottom broadcast + every gradient,
 ``uplink_bytes`` = every activation reply (activations + mask + labels) + the final bottom
@@ -50,7 +55,8 @@ from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.roster import Roster, RoundSampler
 from pwff_app.task_tuning.data import AG_NEWS_CLASSES
 from pwff_app.task_tuning.fedbert.model import (
-    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, SplitConfig, build_split_model,
+    ACTIVATIONS, ARRAYS, CONFIG, GRAD_PREFIX, INFO_KEY, LABELS, MASK, METRICS, TEST_SET, SplitConfig,
+    build_split_model,
     new_optimizer, server_step, split_model, split_param_counts, trained_arrays,
 )
 
@@ -244,15 +250,20 @@ class SplitServer:
 
     # -- one client's evaluation ----------------------------------------------------------
 
-    def evaluate_client(self, grid: Grid, node: int, server_round: int) -> dict | None:
-        """Accuracy and mean loss of global bottom + top on the client's test split."""
+    def evaluate_client(self, grid: Grid, node: int, server_round: int, test_set: str = "own") -> dict | None:
+        """Accuracy and mean loss of global bottom + top on the client's test split (``own``), or on
+        the global test set (``global``: recorded as ``global_accuracy``, ``global_loss``,
+        ``global_eval_*_bytes``)."""
         self.top.eval()
         correct, loss_sum, seen, step, num_steps, up, down = 0, 0.0, 0, 0, None, 0, 0
         client_id, rows = self.roster[node], 2 * self.cfg.task.batch_size  # eval batches are twice as large
-        max_steps = -(-self.bounds.evaluate // rows)
+        bound, prefix = ((self.bounds.evaluate, "") if test_set == "own"
+                         else (self.cfg.task.global_test_samples, f"{test_set}_"))
+        max_steps = -(-bound // rows)
         try:
             while num_steps is None or step < num_steps:
-                content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "step": step})})
+                content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "step": step,
+                                                            TEST_SET: test_set})})
                 if step == 0:
                     content[ARRAYS] = self.global_bottom
                 down += payload_bytes(content)
@@ -270,12 +281,12 @@ class SplitServer:
                 step += 1
         except _Failed as err:
             self.recorder.event("eval-failed", node=node, client=client_id, round=server_round, step=step,
-                                reason=str(err))
+                                test_set=test_set, reason=str(err))
             return None
         finally:
             self.top.train()
-        out = {"eval_uplink_bytes": up, "eval_downlink_bytes": down, "accuracy": correct / seen,
-               "loss": loss_sum / seen}
+        out = {f"{prefix}{k}": v for k, v in (("eval_uplink_bytes", up), ("eval_downlink_bytes", down),
+                                              ("accuracy", correct / seen), ("loss", loss_sum / seen))}
         self.recorder.client(client_id, **out)
         return out
 
@@ -355,6 +366,8 @@ def run_split_learning(grid: Grid, cfg: RunConfig, recorder: RunRecorder, num_ro
         server.aggregate(server_round, results)
         for node in sorted(sampler.evaluate_nodes(server_round), key=roster.__getitem__):
             server.evaluate_client(grid, node, server_round)
+            if cfg.task.global_eval(server_round):
+                server.evaluate_client(grid, node, server_round, "global")
         recorder.end_round(server_round)
 
 
