@@ -81,10 +81,14 @@ def test_task_preflight_reads_the_hub_when_no_folder_is_set(monkeypatch) -> None
 
     monkeypatch.delenv("PWFF_DATA_DIR", raising=False)
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
-    cfg = RunConfig.from_run_config(run_config(task__dataset="someone/news"))
+    cfg = RunConfig.from_run_config(run_config(task__dataset="someone/news", task__global_test_samples=0))
     checked = task_data.preflight(cfg)
     assert calls == [("someone/news", {})]
     assert "Hub 'someone/news': 2 train / 2 test rows" in checked[0] and "minilm" in checked[1].lower()
+    assert len(checked) == 2  # no global test set asked for
+    # The default global test set (50 rows of each label) cannot be drawn from 2 test rows: one line.
+    with pytest.raises(task_data.DataNotFoundError, match=r"global test set: 50 rows of label 0 .* has 1$"):
+        task_data.preflight(RunConfig.from_run_config(run_config(task__dataset="someone/news")))
 
 
 def test_flwr_run_with_an_empty_data_folder_fails_fast(tmp_path) -> None:

@@ -332,6 +332,14 @@ def test_run_split_learning_two_clients(fedbert_methods, tiny_data_dir, tmp_path
     # ... and the recorder's comm block sees them.
     summary = recorder.comm_block()
     assert summary["uplink_bytes_per_round"]["total"] > 0
+    # The last round also ran each client's global test set through the one global bottom + top:
+    # no private part, so every client gets the same numbers; round 1 did not.
+    assert not any("global_accuracy" in c for c in r1["clients"].values())
+    (acc,) = {c["global_accuracy"] for c in r2["clients"].values()}
+    (loss,) = {round(c["global_loss"], 6) for c in r2["clients"].values()}
+    assert 0 <= acc <= 1 and loss > 0 and r2["global_accuracy_mean"] == acc
+    assert all(c["global_eval_uplink_bytes"] > 0 for c in r2["clients"].values())
+    assert recorder.final_scores()["global_mean"] == acc
 
 
 def test_exchange_falls_back_and_reports_withheld_messages():
