@@ -363,3 +363,28 @@ def test_out_dir_inside_the_app_must_be_ignored(tmp_path, capsys):
     assert "inside the Flower app" in capsys.readouterr().err
     # this project's own default output folder is ignored
     reproduce.check_out_dir(reproduce.APP_DIR / "pwff-reproduce" / "pftt-quick", reproduce.APP_DIR)
+
+
+def test_generalization_columns_and_accuracy_vs_bytes_plot(fake_out):
+    """Runs that measured the global test set get its columns; PFTT also the shared part alone."""
+    for method, seed, glob, shared in (("pftt", 1, 0.6, 0.5), ("pftt", 2, 0.7, 0.4), ("fedlora", 1, 0.55, None),
+                                       ("fedlora", 2, 0.65, None)):
+        path = fake_out / "runs" / f"{method}-seed{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["accuracy"]["global_mean"] = glob
+        if shared is not None:
+            summary["accuracy"]["shared_only_mean"] = shared
+        path.write_text(json.dumps(summary))
+    rows = tables.aggregate_runs(tables.find_run_dirs(fake_out))
+    pftt, fedlora = rows
+    assert pftt["global_accuracy_mean"] == pytest.approx(0.65)
+    assert pftt["global_accuracy_std"] == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert pftt["shared_only_accuracy_mean"] == pytest.approx(0.45) and fedlora["shared_only_accuracy_mean"] is None
+    files = tables.write_outputs(fake_out, rows)
+    md = (fake_out / "comparison.md").read_text()
+    assert "| method | final personalized accuracy | global test set accuracy | shared part alone, global test set |" in md
+    assert "| `pftt` | 0.8500 ± 0.0707 | 0.6500 ± 0.0707 | 0.4500 ± 0.0707 | 1,000 ± 0 |" in md
+    assert "| `fedlora` | 0.6500 ± 0.0707 | 0.6000 ± 0.0707 | n/a | 400 ± 141 |" in md
+    assert "final held-out reward" not in md  # no run has one: no column
+    png = fake_out / "accuracy_vs_uplink_bytes_per_round.png"
+    assert png in files and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@
                         [--client-cpus 1] [--client-gpus 0.25]
     pwff reproduce compression [--seeds 3] [--out DIR] [...the same run options]
     pwff sweep --method pftt --set KEY=V1,V2,... [--base KEY=VALUE ...] [--quick] [--seeds 2] [--out DIR]
+    pwff report RUN_DIR [RUN_DIR ...] [--out DIR]
     pwff train-rewards [...]      (forwards to pwff_app.instruct.rewards.main)
 """
 
@@ -81,11 +82,24 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_sweep)
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="per-round table and plots of finished runs (flwr run or reproduce)",
+                       description="Print each run's per-round table (score per client, bytes, latency, delay, "
+                                   "energy, lost updates, training loss) and write rounds.md, comparison.csv, "
+                                   "comparison.md and the plots of `pwff reproduce`; several runs are overlaid.")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="a run folder (<results-dir>/<run-name>, or <out>/runs/<name>-seed<S> of reproduce)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the run folder for one run, ./report for several)")
+    p.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pwff", description="pwff: personalized wireless federated fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _reproduce_parser(sub)
     _sweep_parser(sub)
+    _report_parser(sub)
     sub.add_parser("train-rewards", help="train the reward models (forwards to pwff_app.instruct.rewards)", add_help=False)
     return parser
 
@@ -163,6 +177,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print((out / "sweep.md").read_text())
         print("\n".join(str(f) for f in files))
     return status
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pwff_app.experiments import report
+
+    try:
+        text, files = report.report(args.run_dirs, args.out)
+    except report.NotARunError as err:
+        print(f"pwff: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    print("\n".join(str(p) for p in files))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

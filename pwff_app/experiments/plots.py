@@ -14,7 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from pwff_app.experiments.tables import setting_labels  # noqa: E402
 
@@ -40,8 +40,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+_SCORE_LABELS = {"accuracy": "personalized accuracy", "reward": "held-out combined reward"}
+
+
+def _score_label(rows: Sequence[dict[str, Any]]) -> str:
+    """What the rows' curves score: personalized accuracy, or held-out reward (instruct runs)."""
+    scores = sorted({score for r in rows for score in r.get("score", [])}) or ["accuracy"]
+    return " / ".join(_SCORE_LABELS.get(score, score) for score in scores)
+
+
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Personalized accuracy (mean over clients) by round, one line + band per method."""
+    """Personalized accuracy (or, for instruction tuning, held-out reward; mean over clients) by
+    round, one line + band per method."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, row in enumerate(rows):
         curve = [(r, m, s) for r, m, s, _n in row["curve"] if m is not None]
@@ -56,8 +66,9 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("personalized accuracy (mean over clients)")
-    ax.set_title(f"Accuracy vs round ({_subtitle(rows)})")
+    label = _score_label(rows)
+    ax.set_ylabel(f"{label} (mean over clients)")
+    ax.set_title(f"{label[0].upper()}{label[1:]} vs round ({_subtitle(rows)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -80,7 +91,7 @@ def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.errorbar(x, m, yerr=s, marker="o", ms=3, lw=1.4, capsize=3, color=color, label=row["method"])
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bytes, all clients (log)")
-    ax.set_ylabel("personalized accuracy (mean over clients)")
+    ax.set_ylabel(f"{_score_label(rows)} (mean over clients)")
     ax.set_title(f"Accuracy vs uplink bytes ({_subtitle(rows)})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
@@ -172,6 +183,51 @@ def plot_accuracy_against(points: Sequence[tuple[Any, dict[str, Any]]], key: str
     seeds = sorted({row["n_seeds"] for _, row in points}) or [0]
     ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]} (mean over {'/'.join(map(str, seeds))} seed(s))")
     ax.grid(alpha=0.3)
+# Accuracies plotted against uplink bytes: (key, legend, marker, size, filled); drawn in this
+# order, so a global triangle stays visible inside a (larger) shared-only square at the same value.
+_ACCURACY_VIEWS = (("accuracy", "own test split (personalized)", "o", 7, True),
+                   ("shared_only_accuracy", "shared part alone, global test set", "s", 10, False),
+                   ("global_accuracy", "global test set", "^", 6, False))
+
+
+def plot_final_accuracy_vs_uplink(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Final accuracy against uplink bytes per round (all clients), one point per method and view
+    (own split filled, global test set and shared part alone hollow), error bars = std over seeds.
+
+    The bytes axis is logarithmic; where a method sends nothing (``local``) it is symmetric-log,
+    linear below the smallest non-zero payload, so 0 B stays on the plot.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sent = [r["uplink_bytes_per_round_mean"] for r in rows if r.get("uplink_bytes_per_round_mean")]
+    if any(r.get("uplink_bytes_per_round_mean") == 0 for r in rows) and sent:
+        ax.set_xscale("symlog", linthresh=min(sent) / 2)
+        ax.set_xlim(-min(sent) / 4, max(sent) * 3)
+    elif sent:
+        ax.set_xscale("log")
+        ax.set_xlim(min(sent) / 3, max(sent) * 3)  # explicit: one payload alone is no range
+    for i, row in enumerate(rows):
+        x, xerr = row.get("uplink_bytes_per_round_mean"), row.get("uplink_bytes_per_round_std") or 0.0
+        if x is None:
+            continue
+        color = _color(row["method"], i)
+        for key, _, marker, size, filled in _ACCURACY_VIEWS:
+            y = row.get(f"{key}_mean")
+            if y is None:
+                continue
+            ax.errorbar(x, y, xerr=xerr, yerr=row.get(f"{key}_std") or 0.0, fmt=marker, ms=size, capsize=3,
+                        color=color, mfc=color if filled else "white", mew=1.5)
+        if row.get("accuracy_mean") is not None:
+            ax.annotate(row["method"], (x, row["accuracy_mean"]), xytext=(6, 4), textcoords="offset points",
+                        fontsize=8, color=color)
+    for _, legend, marker, size, filled in _ACCURACY_VIEWS:  # one legend entry per view, in grey
+        ax.plot([], [], marker, ms=size, color="0.3", mfc="0.3" if filled else "white", mew=1.5, label=legend)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    clients, _ = setting_labels(rows)
+    ax.set_xlabel(f"uplink bytes / round ({clients})")
+    ax.set_ylabel("final accuracy (mean over clients)")
+    ax.set_title(f"Accuracy vs uplink payload ({_subtitle(rows)})")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -190,9 +246,14 @@ def plot_sweep(points: Sequence[tuple[Any, dict[str, Any]]], key: str, out_dir: 
 
 
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Every plot of a comparison into ``out_dir``; final accuracy vs uplink bytes per round only
+    for runs that report accuracy (task tuning)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [plot_accuracy(rows, out_dir / "accuracy_vs_round.png"),
-            plot_uplink_bytes(rows, out_dir / "uplink_bytes_per_round.png"),
-            plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png"),
-            plot_accuracy_vs_bytes(rows, out_dir / "accuracy_vs_uplink_bytes.png")]
+    files = [plot_accuracy(rows, out_dir / "accuracy_vs_round.png"),
+             plot_uplink_bytes(rows, out_dir / "uplink_bytes_per_round.png"),
+             plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png"),
+             plot_accuracy_vs_bytes(rows, out_dir / "accuracy_vs_uplink_bytes.png")]
+    if any(r.get("accuracy_mean") is not None for r in rows):
+        files.append(plot_final_accuracy_vs_uplink(rows, out_dir / "accuracy_vs_uplink_bytes_per_round.png"))
+    return files

@@ -24,6 +24,9 @@ COMPRESSION_TITLE = "PFTT with compressed updates (issue 17)"
 # Columns of comparison.csv: (key, what it is).
 METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "final personalized accuracy"),
+    ("global_accuracy", "final accuracy on the global test set"),
+    ("shared_only_accuracy", "final accuracy of the shared part alone, global test set"),
+    ("reward", "final held-out reward (instruction tuning)"),
     ("uplink_bytes_per_round", "uplink bytes / round (all clients)"),
     ("downlink_bytes_per_round", "downlink bytes / round (all clients)"),
     ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)"),
@@ -43,6 +46,9 @@ METRICS: tuple[tuple[str, str], ...] = (
 # The tables of comparison.md: (key, header, format). Delay and latency get their own table,
 # with median and p95 beside the mean: the Rayleigh delay's mean is infinite (MD_NOTES).
 RESULT_COLUMNS = (("accuracy", "final personalized accuracy", "acc"),
+                  ("global_accuracy", "global test set accuracy", "acc"),
+                  ("shared_only_accuracy", "shared part alone, global test set", "acc"),
+                  ("reward", "final held-out reward", "float"),
                   ("uplink_bytes_per_round", "uplink bytes / round", "bytes"),
                   ("downlink_bytes_per_round", "downlink bytes / round", "bytes"),
                   ("energy_per_round_j", "energy / round (J)", "float"),
@@ -104,46 +110,63 @@ def air_time_s(wireless_round: dict[str, Any]) -> float:
     return min(air, wireless_round["latency_s"])
 
 
+def score_key(summary: dict[str, Any]) -> str:
+    """What a run scores its clients by: ``accuracy`` (task tuning) or ``reward`` (instruction tuning)."""
+    return "reward" if "reward" in summary and "accuracy" not in summary else "accuracy"
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``rounds.jsonl`` in a run folder (none if it has no such file)."""
+    path = Path(run_dir) / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     """The numbers of one finished run folder (its ``summary.json`` and ``rounds.jsonl``).
 
-    ``link_curve``: per round (round, cumulative air time in s, cumulative uplink energy in J,
-    accuracy_mean or None) from ``rounds.jsonl`` (rounds with link traffic)."""
+    ``curve``: (round, mean score over clients) of every round, the score being the run's
+    :func:`score_key`, which ``score`` names. ``link_curve``: per round (round, cumulative air
+    time in s, cumulative uplink energy in J, accuracy_mean or None) from ``rounds.jsonl``
+    (rounds with link traffic).
+    """
     run_dir = Path(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
     w = s.get("wireless") or {}
     n_rounds = _num(w.get("rounds")) or _num(s.get("num_rounds"))
     energy = _num(w.get("total_energy_j"))
     comm = s.get("comm") or {}
-    curve: list[tuple[int, float]] = []
+    score = score_key(s)
+    rounds = read_rounds(run_dir)
+    curve = [(int(r["round"]), _num(r.get(f"{score}_mean"))) for r in rounds]
+    curve = [(rnd, v) for rnd, v in curve if v is not None]
     sent: list[tuple[int, float]] = []  # (round, uplink bytes of every client up to and with it)
     link_curve: list[tuple[int, float, float, float | None]] = []
     air = energy_up = 0.0
     scheduled = late = 0
-    rounds_path = run_dir / "rounds.jsonl"
-    if rounds_path.exists():
-        total = 0.0
-        for line in rounds_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                total += _num(r.get("uplink_bytes")) or 0.0
-                sent.append((int(r["round"]), total))
-                acc = _num(r.get("accuracy_mean"))
-                if acc is not None:
-                    curve.append((int(r["round"]), acc))
-                link = r.get("wireless")
-                if link and link.get("clients"):
-                    air += air_time_s(link)
-                    energy_up += link["energy_up_j"]
-                    scheduled += link["participants"]
-                    late += link.get("late", 0)
-                    link_curve.append((int(r["round"]), air, energy_up, acc))
+    total = 0.0
+    for r in rounds:
+        total += _num(r.get("uplink_bytes")) or 0.0
+        sent.append((int(r["round"]), total))
+        link = r.get("wireless")
+        if link and link.get("clients"):
+            air += air_time_s(link)
+            energy_up += link["energy_up_j"]
+            scheduled += link["participants"]
+            late += link.get("late", 0)
+            link_curve.append((int(r["round"]), air, energy_up, _num(r.get("accuracy_mean"))))
+    accuracy = s.get("accuracy") or {}
     return {
         "variant": variant_of(run_dir.name),
         "method": s.get("method") or variant_of(run_dir.name),
         "seed": _seed_of(run_dir, s),
         "run_dir": str(run_dir),
-        "accuracy": _num((s.get("accuracy") or {}).get("mean")),
+        "accuracy": _num(accuracy.get("mean")),
+        "global_accuracy": _num(accuracy.get("global_mean")),
+        "shared_only_accuracy": _num(accuracy.get("shared_only_mean")),
+        "reward": _num((s.get("reward") or {}).get("mean")),
+        "score": score,
         "uplink_bytes_per_round": _num((comm.get("uplink_bytes_per_round") or {}).get("total")),
         "downlink_bytes_per_round": _num((comm.get("downlink_bytes_per_round") or {}).get("total")),
         "ergodic_uplink_delay_s": _num(w.get("ergodic_uplink_delay_s")),
@@ -196,7 +219,7 @@ def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_M
         runs = sorted(by_variant[m], key=lambda r: (r["seed"] is None, r["seed"] or 0))
         row: dict[str, Any] = {"method": m, "methods": sorted({r["method"] for r in runs}),
                                "n_seeds": len(runs), "seeds": [r["seed"] for r in runs]}
-        for key in ("num_clients", "channel"):  # what the runs were, from their own configs
+        for key in ("num_clients", "channel", "score"):  # what the runs were, from their own configs
             row[key] = sorted({r[key] for r in runs if r[key] is not None})
         for key, _ in METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(r[key] for r in runs)
@@ -268,7 +291,12 @@ def setting_labels(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str, str]] = RESULT_COLUMNS) -> str:
-    """One comparison table: mean ± sample std over seeds of ``cols``, one row per method."""
+    """One comparison table: mean ± sample std over seeds of ``cols``, one row per method.
+
+    A column no row has a value for (``reward`` of task runs, ``shared_only_accuracy`` without
+    PFTT, the global columns of runs from before the global test set) is left out.
+    """
+    cols = [c for c in cols if c[0] == "n_seeds" or any(row.get(f"{c[0]}_mean") is not None for row in rows)]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for row in rows:
@@ -281,7 +309,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str
 MD_NOTES = """
 Mean ± sample standard deviation (n−1) over seeds. *Final personalized accuracy*: mean over
 the {clients} of each client's accuracy on its own test split in the last round
-(`summary.json` `accuracy.mean`). *Bytes / round*: summed over the {clients}, mean over rounds
+(`summary.json` `accuracy.mean`). *Global test set accuracy*: the same clients' models (global
+shared part + own private part) on one balanced set of AG News test rows, the same for every
+client (`accuracy.global_mean`). *Shared part alone*: PFTT's global adapters with each client's
+head and no private LoRA, on the global test set (`accuracy.shared_only_mean`). *Bytes / round*: summed over the {clients}, mean over rounds
 (`comm.*_bytes_per_round.total`). *Energy / round*: uplink + downlink transmit energy of all
 clients, `wireless.total_energy_j` / rounds. *Uplink bytes* count delivered updates only (a lost
 update is not in `comm`); *uplink updates lost* is the share of attempted uplinks lost after
