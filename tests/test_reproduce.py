@@ -181,6 +181,39 @@ def test_cli_reproduce_quick(monkeypatch, tmp_path):
     assert seen["resources"] == "num-supernodes=4 client-resources-num-cpus=2 client-resources-num-gpus=0.25"
 
 
+def test_cli_adapter_widths_and_medium_profile(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake(out, variants, profile, seeds, app_dir, data_dir, client_cpus, client_gpus, title):
+        seen.update(out=out, profile=profile, variants=variants, title=title)
+        return reproduce.ReproduceResult(Path(out))
+
+    monkeypatch.setattr(reproduce, "reproduce", fake)
+    # The width sweep: PFTT once per width, beside FedLoRA and local (the defaults with widths).
+    assert cli.main(["reproduce", "pftt", "--quick", "--adapter-sizes", "8", "16", "32", "64"]) == 0
+    assert seen["profile"] == "quick" and seen["out"] == Path("pwff-reproduce/pftt-widths-quick")
+    assert seen["variants"] == [profiles.Variant(f"pftt-a{n}", "pftt", {"task.adapter-size": n})
+                                for n in (8, 16, 32, 64)] + ["fedlora", "local"]
+    assert seen["title"] == tables.WIDTHS_TITLE
+    rc = profiles.build_run_config(seen["variants"][0], 42, tmp_path / "runs", "quick")
+    assert "task.adapter-size=8" in rc and "method='pftt'" in rc and "run-name='pftt-a8-seed42'" in rc
+    # --methods names the contenders; pftt among them is replaced by the widths.
+    assert cli.main(["reproduce", "pftt", "--adapter-sizes", "16", "--methods", "pftt", "vanilla-fl"]) == 0
+    assert [getattr(v, "name", v) for v in seen["variants"]] == ["pftt-a16", "vanilla-fl"]
+    assert seen["profile"] == "full"
+    # The medium profile and its four methods.
+    assert cli.main(["reproduce", "pftt", "--medium"]) == 0
+    assert seen["profile"] == "medium" and seen["variants"] == list(profiles.MEDIUM_METHODS)
+    assert seen["out"] == Path("pwff-reproduce/pftt-medium")
+    medium = profiles.PROFILES["medium"]
+    assert medium["task.num-rounds"] >= 10 and medium["task.max-train-samples"] == 200
+    assert set(profiles.MEDIUM_METHODS) == {"pftt", "local", "fedlora", "vanilla-fl"}
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "pftt", "--quick", "--medium"])
+    assert "not allowed with" in capsys.readouterr().err
+    assert cli.main(["reproduce", "pftt", "--adapter-sizes", "0"]) == 2
+
+
 def test_cli_rejects_unknown_method(capsys):
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "pftt", "--methods", "nope"])

@@ -1,7 +1,7 @@
 """The ``pwff`` command.
 
-    pwff reproduce pftt [--quick] [--seeds 3] [--out DIR] [--app DIR] [--methods ...] [--data-dir DIR]
-                        [--client-cpus 1] [--client-gpus 0.25]
+    pwff reproduce pftt [--quick | --medium] [--adapter-sizes 8 16 32 64] [--seeds 3] [--out DIR] [--app DIR]
+                        [--methods ...] [--data-dir DIR] [--client-cpus 1] [--client-gpus 0.25]
     pwff reproduce compression [--seeds 3] [--out DIR] [...the same run options]
     pwff sweep --method pftt --set KEY=V1,V2,... [--base KEY=VALUE ...] [--quick] [--seeds 2] [--out DIR]
     pwff report RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -37,7 +37,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    from pwff_app.experiments.profiles import ALL_METHODS, PROFILES
+    from pwff_app.experiments.profiles import ALL_METHODS, MEDIUM_METHODS, PROFILES, WIDTH_CONTENDERS
 
     p = sub.add_parser("reproduce", help="reproduce a figure of the paper through real `flwr run`s")
     which = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
@@ -45,11 +45,19 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                          description="Run every method for several seeds through `flwr run` (resuming: "
                                      "runs with a summary.json are skipped), then write comparison.csv, "
                                      "comparison.md and PNG plots into --out.")
-    f.add_argument("--quick", action="store_true",
-                   help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
-                   + "); default: the paper's profile (40 rounds)")
-    f.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
-                   metavar="METHOD", help=f"methods to run (default: all of {' '.join(ALL_METHODS)})")
+    size = f.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
+                      + "); default: the paper's profile (40 rounds)")
+    size.add_argument("--medium", action="store_true",
+                      help="medium profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["medium"].items())
+                      + f"); methods default to {' '.join(MEDIUM_METHODS)}")
+    f.add_argument("--methods", nargs="+", default=None, choices=list(ALL_METHODS), metavar="METHOD",
+                   help=f"methods to run (default: all of {' '.join(ALL_METHODS)}; with --medium "
+                        f"{' '.join(MEDIUM_METHODS)}; with --adapter-sizes {' '.join(WIDTH_CONTENDERS)})")
+    f.add_argument("--adapter-sizes", nargs="+", type=int, default=None, metavar="WIDTH",
+                   help="run PFTT once per adapter width (rows pftt-a<WIDTH>, task.adapter-size) in place of "
+                        "pftt, beside the other --methods")
     _add_run_options(f)
     f.set_defaults(func=_cmd_reproduce_pftt)
     c = which.add_parser("compression", help="issue 17: PFTT with none, fp16, int8, top-k 0.1 (with and without "
@@ -137,10 +145,20 @@ def run_variants(args: argparse.Namespace, variants: Sequence, profile: str, def
 
 
 def _cmd_reproduce_pftt(args: argparse.Namespace) -> int:
-    from pwff_app.experiments.tables import PFTT_TITLE
+    from pwff_app.experiments.profiles import (ALL_METHODS, MEDIUM_METHODS, WIDTH_CONTENDERS,
+                                               adapter_width_variants)
+    from pwff_app.experiments.tables import PFTT_TITLE, WIDTHS_TITLE
 
-    profile = "quick" if args.quick else "full"
-    return run_variants(args, args.methods, profile, Path("pwff-reproduce") / f"pftt-{profile}", PFTT_TITLE)
+    profile = "quick" if args.quick else "medium" if args.medium else "full"
+    if args.adapter_sizes is None:
+        methods = args.methods or list(MEDIUM_METHODS if args.medium else ALL_METHODS)
+        return run_variants(args, methods, profile, Path("pwff-reproduce") / f"pftt-{profile}", PFTT_TITLE)
+    if any(n < 1 for n in args.adapter_sizes):
+        print("pwff: --adapter-sizes must be positive integers", file=sys.stderr)
+        return 2
+    others = [m for m in (args.methods or WIDTH_CONTENDERS) if m != "pftt"]
+    variants = adapter_width_variants(dict.fromkeys(args.adapter_sizes)) + others
+    return run_variants(args, variants, profile, Path("pwff-reproduce") / f"pftt-widths-{profile}", WIDTHS_TITLE)
 
 
 def _cmd_reproduce_compression(args: argparse.Namespace) -> int:

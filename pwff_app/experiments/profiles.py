@@ -26,13 +26,26 @@ PROFILES: dict[str, dict[str, Any]] = {
         "task.max-test-samples": 150,
         "task.max-length": 48,
     },
+    # Long enough for federation to pay off over local training (issue 18): 10 rounds of 200
+    # samples per client. Sized for MEDIUM_METHODS x 3 seeds in under 90 min on 2 idle cores,
+    # estimated from the quick profile's timings (docs/reproduce.md, "Profiles").
+    "medium": {
+        "task.num-rounds": 10,
+        "task.max-train-samples": 200,
+        "task.max-test-samples": 200,
+        "task.max-length": 48,
+    },
     # The paper's setting (Sec. V): 4 clients, 40 rounds, Rayleigh, 5 dB; else pyproject defaults.
     "full": {
         "task.num-rounds": 40,
     },
 }
 # Wall-clock limit of one run (seconds) per profile; a run past it counts as failed.
-RUN_TIMEOUT_S = {"quick": 900, "full": 6 * 3600}
+RUN_TIMEOUT_S = {"quick": 900, "medium": 1800, "full": 6 * 3600}
+# The methods that decide the paper's claims: the medium profile's default rows.
+MEDIUM_METHODS: tuple[str, ...] = ("pftt", "vanilla-fl", "fedlora", "local")
+# Beside PFTT's adapter widths (--adapter-sizes): FedLoRA at its LoRA rank, and local training.
+WIDTH_CONTENDERS: tuple[str, ...] = ("fedlora", "local")
 DEFAULT_SEED_BASE = 42
 
 
@@ -49,6 +62,11 @@ class Variant:
 def as_variants(items: Iterable[Variant | str]) -> list[Variant]:
     """Variants as given; a bare method name is the method with no overrides."""
     return [v if isinstance(v, Variant) else Variant(v, v) for v in items]
+
+
+def adapter_width_variants(sizes: Sequence[int]) -> list[Variant]:
+    """PFTT at each adapter width (``task.adapter-size``), named ``pftt-a<width>``."""
+    return [Variant(f"pftt-a{n}", "pftt", {"task.adapter-size": int(n)}) for n in sizes]
 
 
 def run_name(name: str, seed: int) -> str:

@@ -20,6 +20,7 @@ from pwff_app.experiments.profiles import ALL_METHODS, variant_of
 
 PFTT_TITLE = "PFTT vs contenders (Fig. 5)"
 COMPRESSION_TITLE = "PFTT with compressed updates (issue 17)"
+WIDTHS_TITLE = "PFTT adapter widths vs FedLoRA and local (Fig. 5, issue 18)"
 
 # Columns of comparison.csv: (key, what it is).
 METRICS: tuple[tuple[str, str], ...] = (
