@@ -79,6 +79,9 @@ def test_report_refuses_a_folder_without_rounds(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pwff: ") and "no rounds.jsonl" in err and "\n" not in err
+    (tmp_path / "runs").mkdir()  # a reproduction's output folder: say where its runs are
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert f"runs are its {tmp_path / 'runs'}/<name>-seed<S> folders" in capsys.readouterr().err
 
 
 def test_report_of_an_instruct_run_shows_rewards(tmp_path):

@@ -50,7 +50,10 @@ def load(run_dirs: Sequence[Path]) -> list[RunReport]:
     for run_dir, label in zip(dirs, labels(dirs)):
         rounds = read_rounds(run_dir)
         if not rounds:
-            raise NotARunError(f"{run_dir}: no rounds.jsonl with a round in it (not a run folder, or not started)")
+            hint = (f"; a reproduction's runs are its {run_dir / 'runs'}/<name>-seed<S> folders"
+                    if (run_dir / "runs").is_dir() else "")
+            raise NotARunError(f"{run_dir}: no rounds.jsonl with a round in it (not a run folder, or not started)"
+                               + hint)
         out.append(RunReport(run_dir, label, rounds, (run_dir / "summary.json").is_file()))
     return out
 
