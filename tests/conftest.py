@@ -99,5 +99,21 @@ def make_context(rc: dict, partition_id: int, num_partitions: int = 4, **node_co
                    state=RecordDict(), run_config=rc)
 
 
+def stand_in_evaluation(msg: Message, context: Context, accuracy: float, loss: float = 1.0,
+                        global_accuracy: float = 0.25) -> dict:
+    """The metrics of a model-free stand-in task client's evaluate reply, as the real client sends
+    them: own split (5 rows), and when the message asks (``global-eval``) the global test set's
+    fields, with the shared part alone's where the method has that view (PFTT)."""
+    from pwff_app.federation.checks import GLOBAL_EVAL
+    from pwff_app.methods import METHODS
+
+    metrics = {"num-examples": 5, "accuracy": accuracy, "loss": loss}
+    if msg.content["config"].get(GLOBAL_EVAL, False):
+        metrics.update({"global-accuracy": global_accuracy, "global-loss": 1.3})
+        if METHODS[str(context.run_config["method"])].shared_only_view:
+            metrics.update({"shared-only-accuracy": 0.3, "shared-only-loss": 1.2})
+    return metrics
+
+
 def make_message(content: RecordDict, message_type: str = MessageType.TRAIN, dst: int = 100) -> Message:
     return Message(content=content, dst_node_id=dst, message_type=message_type)

@@ -25,7 +25,7 @@ from pwff_app.federation.state import PrivateStore
 from pwff_app.testing.inprocess import InProcessGrid, run_server
 from pwff_app.wireless.channel import LinkResult, ergodic_capacity_bps_per_hz
 from pwff_app.wireless.link import uplink_mod
-from tests.conftest import run_config, tiny_config
+from tests.conftest import run_config, stand_in_evaluation, tiny_config
 
 CODECS = ["fp16", "bf16", "int8", "int4", "topk:0.1", "topk:0.5"]
 
@@ -202,7 +202,7 @@ def _stand_in(msg: Message, context: Context) -> Message:
     client_id = int(context.node_config["partition-id"])
     info = {"client-id": client_id, "server-round": int(msg.content["config"]["server-round"])}
     if msg.metadata.message_type == MessageType.EVALUATE:
-        metrics = MetricRecord({"num-examples": 5, "accuracy": 0.5, "loss": 1.0})
+        metrics = MetricRecord(stand_in_evaluation(msg, context, accuracy=0.5))
         return Message(RecordDict({"metrics": metrics, "info": ConfigRecord(info)}), reply_to=msg)
     rng = np.random.default_rng(client_id)
     from flwr.app import ArrayRecord

@@ -23,13 +23,13 @@ from flwr.clientapp import ClientApp
 
 from pwff_app.config import RunConfig
 from pwff_app.federation.checkpoint import load_checkpoint
-from pwff_app.federation.checks import GLOBAL_EVAL, AllClientsFailed
+from pwff_app.federation.checks import AllClientsFailed
 from pwff_app.federation.results import RunRecorder
 from pwff_app.federation.roster import answer_query, query_roster
 from pwff_app.instruct import runtime, server
 from pwff_app.task_tuning.fedbert import server as split_server
 from pwff_app.testing.inprocess import InProcessGrid, run_server
-from tests.conftest import tiny_config
+from tests.conftest import stand_in_evaluation, tiny_config
 from tests.test_pfit import _client_app, _rc, tiny_pfit  # noqa: F401  (tiny_pfit is a fixture)
 
 HONEST = (0, 1)
@@ -97,10 +97,8 @@ def _stand_in(msg: Message, context: Context) -> Message:
     client_id = int(context.node_config["partition-id"])
     info = {"client-id": client_id, "server-round": int(msg.content["config"]["server-round"])}
     if msg.metadata.message_type == MessageType.EVALUATE:
-        metrics = {"num-examples": 5, "accuracy": 0.5 + client_id / 100, "loss": 1.0}
-        if msg.content["config"].get(GLOBAL_EVAL, False):  # pftt: the global test set, then the shared part alone
-            metrics.update({"global-accuracy": 0.25 + client_id / 100, "global-loss": 1.3,
-                            "shared-only-accuracy": 0.3, "shared-only-loss": 1.2})
+        metrics = stand_in_evaluation(msg, context, accuracy=0.5 + client_id / 100,
+                                      global_accuracy=0.25 + client_id / 100)
         return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
     arrays = ArrayRecord({k: Array(v.numpy() + (client_id + 1) / 100) for k, v in msg.content["arrays"].items()})
     return Message(RecordDict({
@@ -211,14 +209,19 @@ def test_global_fields_are_refused_where_not_asked_for(tiny_data_dir, tmp_path):
     """Round 1 of 2 evaluates on the own split only: a reply that adds global fields is rejected;
     round 2 asks for them: fedlora (no shared-only view) must not send shared-only fields."""
     rc = tiny_config(tiny_data_dir, tmp_path, run_name="extra", num_clients=3, method="fedlora")
-    run_server(rc, InProcessGrid(rc, 3, app=_app(_stand_in), tamper_types=(MessageType.EVALUATE,),
-                                 tamper=lambda cid, reply: (_metric("global-accuracy", 0.5)(reply) if cid == 2
-                                                            else None) or reply))
+
+    def tamper(client_id: int, reply: Message) -> Message:
+        extra = "global-accuracy" if int(reply.content["info"]["server-round"]) == 1 else "shared-only-accuracy"
+        if client_id == 2:
+            _metric(extra, 0.5)(reply)
+        return reply
+
+    run_server(rc, InProcessGrid(rc, 3, app=_app(_stand_in), tamper_types=(MessageType.EVALUATE,), tamper=tamper))
     first, last = _rounds(tmp_path / "extra")
     assert _reasons(first, "eval-rejected") == {2: "metrics: missing [], unexpected ['global-accuracy']"}
-    reasons = _reasons(last, "eval-rejected")
-    assert set(reasons) == {0, 1, 2} and all("unexpected ['shared-only-accuracy'" in r for r in reasons.values())
-    assert "global_accuracy_mean" not in last
+    assert _reasons(last, "eval-rejected") == {2: "metrics: missing [], unexpected ['shared-only-accuracy']"}
+    assert last["global_accuracy_mean"] == pytest.approx(np.mean([0.25, 0.26]))  # the honest fedlora replies'
+    assert "shared_only_accuracy_mean" not in last
 
 
 def _deep(reply: Message) -> Message:
