@@ -183,6 +183,13 @@ def plot_accuracy_against(points: Sequence[tuple[Any, dict[str, Any]]], key: str
     seeds = sorted({row["n_seeds"] for _, row in points}) or [0]
     ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]} (mean over {'/'.join(map(str, seeds))} seed(s))")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 # Accuracies plotted against uplink bytes: (key, legend, marker, size, filled); drawn in this
 # order, so a global triangle stays visible inside a (larger) shared-only square at the same value.
 _ACCURACY_VIEWS = (("accuracy", "own test split (personalized)", "o", 7, True),
