@@ -36,6 +36,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="run nothing; only rebuild the table and plots from finished runs in --out")
 
 
+def _profile_help(name: str) -> str:
+    """Help of a profile flag: its overrides, and that without a flag the paper's profile runs."""
+    from pwff_app.experiments.profiles import PROFILES
+
+    overrides = " ".join(f"{k}={v}" for k, v in PROFILES[name].items())
+    return f"{'small' if name == 'quick' else name} profile ({overrides}); default: the paper's profile (40 rounds)"
+
+
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from pwff_app.experiments.profiles import ALL_METHODS, MEDIUM_METHODS, PROFILES, WIDTH_CONTENDERS
 
@@ -46,9 +54,7 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                                      "runs with a summary.json are skipped), then write comparison.csv, "
                                      "comparison.md and PNG plots into --out.")
     size = f.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true",
-                      help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
-                      + "); default: the paper's profile (40 rounds)")
+    size.add_argument("--quick", action="store_true", help=_profile_help("quick"))
     size.add_argument("--medium", action="store_true",
                       help="medium profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["medium"].items())
                       + f"); methods default to {' '.join(MEDIUM_METHODS)}")
@@ -70,8 +76,6 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep_parser(sub: argparse._SubParsersAction) -> None:
-    from pwff_app.experiments.profiles import PROFILES
-
     p = sub.add_parser("sweep", help="one method over a grid of one setting (e.g. a wireless one), several seeds",
                        description="Run METHOD once per value of one run-config key and seed through `flwr run` "
                                    "(resuming like `reproduce`), then write sweep.md, comparison.md and plots "
@@ -83,9 +87,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                    help="the swept run-config key and its values (';' separates values that hold commas)")
     p.add_argument("--base", nargs="*", default=[], metavar="KEY=VALUE",
                    help="run-config overrides every run of the sweep shares (num-clients sets the SuperNodes)")
-    p.add_argument("--quick", action="store_true",
-                   help="small profile (" + " ".join(f"{k}={v}" for k, v in PROFILES["quick"].items())
-                   + "); default: the paper's profile (40 rounds)")
+    p.add_argument("--quick", action="store_true", help=_profile_help("quick"))
     _add_run_options(p)
     p.set_defaults(func=_cmd_sweep)
 

@@ -22,6 +22,16 @@ _COLORS = {"pftt": "#d62728", "vanilla-fl": "#1f77b4", "fedlora": "#2ca02c", "fe
            "local": "#7f7f7f", "fedavg-full": "#ff7f0e"}
 
 
+def _save(fig: Any, ax: Any, path: Path, legend: bool = True) -> Path:
+    """Legend (unless ``legend`` is False), tight layout, PNG at 120 dpi, figure closed; the path."""
+    if legend:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def _color(method: str, i: int) -> str:
     return _COLORS.get(method, f"C{i % 10}")
 
@@ -70,11 +80,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel(f"{label} (mean over clients)")
     ax.set_title(f"{label[0].upper()}{label[1:]} vs round ({_subtitle(rows)})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path)
 
 
 def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -94,11 +100,7 @@ def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel(f"{_score_label(rows)} (mean over clients)")
     ax.set_title(f"Accuracy vs uplink bytes ({_subtitle(rows)})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path)
 
 
 def _bar(rows: Sequence[dict[str, Any]], key: str, path: Path, ylabel: str, title: str, log: bool,
@@ -122,10 +124,7 @@ def _bar(rows: Sequence[dict[str, Any]], key: str, path: Path, ylabel: str, titl
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} ({_subtitle(rows)})")
     ax.grid(axis="y", alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, legend=False)
 
 
 def plot_uplink_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -163,10 +162,7 @@ def plot_sweep_score(points: Sequence[tuple[Any, dict[str, Any]]], key: str, pat
     ax.set_ylabel("final personalized accuracy")
     ax.set_title(f"Accuracy vs {key} ({_subtitle([row for _, row in points])})")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, legend=False)
 
 
 def plot_accuracy_against(points: Sequence[tuple[Any, dict[str, Any]]], key: str, index: int, xlabel: str,
@@ -183,11 +179,7 @@ def plot_accuracy_against(points: Sequence[tuple[Any, dict[str, Any]]], key: str
     seeds = sorted({row["n_seeds"] for _, row in points}) or [0]
     ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]} (mean over {'/'.join(map(str, seeds))} seed(s))")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path)
 
 
 # Accuracies plotted against uplink bytes: (key, legend, marker, size, filled); drawn in this
@@ -235,11 +227,7 @@ def plot_final_accuracy_vs_uplink(rows: Sequence[dict[str, Any]], path: Path) ->
     ax.set_ylabel("final accuracy (mean over clients)")
     ax.set_title(f"Accuracy vs uplink payload ({_subtitle(rows)})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path)
 
 
 def plot_sweep(points: Sequence[tuple[Any, dict[str, Any]]], key: str, out_dir: Path) -> list[Path]:
