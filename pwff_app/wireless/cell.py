@@ -43,7 +43,8 @@ from pwff_app.wireless.channel import LinkResult, db_to_linear, link_rng, raylei
 
 # Inter-site distance in m (TR 38.901 Tables 7.2-1, 7.2-3 for RMa: 5000 m of its 1732 | 5000 m), as Sionna.
 ISD_M = {"uma": 500.0, "umi": 200.0, "rma": 5000.0}
-# TR 38.901 Table 7.8-1 (calibration): noise figures in dB of the base station and the terminal.
+# Noise figures in dB of the base station and the terminal: the usual 3GPP system-level calibration
+# values (TR 38.901 Sec. 7.8; not re-checked against the document, see docs/radio.md).
 NOISE_FIGURE_DB = {"up": 5.0, "down": 9.0}  # receiver: the BS on the uplink, the UE on the downlink
 THERMAL_NOISE_DBM_PER_HZ = -174.0  # kT at 290 K
 SUBCARRIERS_PER_PRB = 12
