@@ -32,8 +32,12 @@ def _save(fig: Any, ax: Any, path: Path, legend: bool = True) -> Path:
     return Path(path)
 
 
+# Variants (a width, a codec, a swept value) draw from colors no method owns, so they never clash.
+_FREE = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#ad494a", "#8ca252", "#bd9e39")
+
+
 def _color(method: str, i: int) -> str:
-    return _COLORS.get(method, f"C{i % 10}")
+    return _COLORS.get(method) or _FREE[i % len(_FREE)]
 
 
 def _subtitle(rows: Sequence[dict[str, Any]]) -> str:
