@@ -130,21 +130,29 @@ METHODS: dict[str, MethodSpec] = {
         # Reference point: PFTT's model, no federation.
         _spec("local", "task", {"adapter", "lora"}, {"adapter", "lora", "head"}, set(), True,
               "local", "Local only: each client trains alone, nothing is sent"),
-        # ---- instruct family (paper IV-C; run by pwff_app/instruct). Groups on the causal LM:
+        # ---- instruct family (paper IV-C, Fig. 4; run by pwff_app/instruct). Groups on the causal LM:
         # "backbone" = the last two blocks (the only unfrozen LM weights), "lora" = LoRA on
-        # their attention, "head" = the PPO value head (private: the critic of one client's
-        # reward mix). What each method fixes of the instruct.* settings (how much of the
-        # attention is sent, which reward models, LoRA) is its keyword overrides (paper V-B, Fig. 4).
+        # their attention projections, "head" = the PPO value head (private: the critic of one
+        # client's reward mix). The keyword overrides are what a method fixes of the instruct.*
+        # settings: trainer (ppo on reward models | sft on Alpaca outputs), reward objectives,
+        # how much of the attention update is sent (sparsity), LoRA, personal start, and whose
+        # model is evaluated. Every method is evaluated with the same judges and training RMs.
         _spec("pfit", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
-              "PFIT: PPO on the last two blocks, personalised rewards, sparse attention update (s=0.4)"),
+              "PFIT: PPO on the last two blocks; personalised rewards (w_help, w_safe per client); "
+              "sparse attention update (s = instruct.sparsity, 0.4); evaluates the personal model"),
         _spec("pfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
-              "PFL (paper V-B): PFIT without sparse attention (dense upload)", sparsity=(0.0,)),
+              "PFL (paper V-B): PPO, personalised rewards, no sparse attention (dense upload)", sparsity=(0.0,)),
         _spec("sfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg",
-              "SFL (paper V-B): helpfulness reward only, 20% sparse attention",
+              "SFL (paper V-B): PPO on the helpfulness reward model only (every client), 20% sparse attention",
               sparsity=(0.2,), reward_models="helpfulness", reward_weights=((1.0, 0.0),)),
-        # Shepherd (Zhang et al. 2023): LoRA, FedAvg of LoRA, no personalisation, no proximal term.
-        _spec("shepherd", "instruct", {"lora"}, {"lora", "head"}, {"lora"}, False, "fedavg",
-              "Shepherd (Zhang et al. 2023): LoRA on the last two blocks' attention, FedAvg'd; equal reward weights",
-              sparsity=(0.0,), reward_weights=((0.5, 0.5),), mu=0.0, use_lora=True, personal_start=False),
+        # Shepherd (Zhang et al. 2023, "Towards Building the Federated GPT"): supervised LoRA
+        # instruction tuning on each client's Alpaca (instruction, output) pairs, FedAvg of the
+        # LoRA, no reward model in training, nothing private; every client is evaluated with
+        # the aggregated global LoRA. LoRA on the attention projections (q, k, v, o) of the
+        # last two blocks: the blocks the other methods train (the paper's LoRA is on attention).
+        _spec("shepherd", "instruct", {"lora"}, {"lora"}, {"lora"}, False, "fedavg",
+              "Shepherd (Zhang et al. 2023): supervised LoRA (last two blocks' attention) on Alpaca outputs, "
+              "FedAvg'd; no reward in training; evaluates the global",
+              trainer="sft", eval_model="global", sparsity=(0.0,), mu=0.0, use_lora=True, personal_start=False),
     ]
 }

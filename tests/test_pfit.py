@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from pwff_app.instruct import client, prompts, runtime, server
 from pwff_app.config import ConfigError, InstructConfig, RunConfig, app_defaults
-from pwff_app.methods import METHODS, _spec
+from pwff_app.methods import METHODS
 from pwff_app.instruct.policy import is_attention_param
 from pwff_app.testing.tiny import tiny_llama, tiny_tokenizer
 from pwff_app.federation.results import RunRecorder
@@ -25,14 +25,6 @@ from pwff_app.testing.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_ROWS = [
-    _spec("pfit", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg", "PFIT"),
-    _spec("pfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg", "PFL"),
-    _spec("sfl", "instruct", set(), {"backbone", "head"}, {"backbone"}, False, "fedavg", "SFL"),
-    _spec("shepherd", "instruct", {"lora"}, {"lora", "head"}, {"lora"}, False, "fedavg", "Shepherd"),
-]
-
-
 class StubRewards:
     """helpfulness = response length / 10, safety = -(number of 'e') : cheap, deterministic."""
 
@@ -42,19 +34,32 @@ class StubRewards:
                 "safety": torch.tensor([-float(r.count("e")) for r in responses], dtype=torch.float32)}
 
 
+class StubJudges:
+    """A different stub: helpfulness = number of words, safety = -(share of 'a'); marked as a judge."""
+
+    is_judge = True
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        return {"helpfulness": torch.tensor([float(len(r.split())) for r in responses]),
+                "safety": torch.tensor([-r.count("a") / max(1, len(r)) for r in responses])}
+
+
 @pytest.fixture()
 def tiny_pfit(monkeypatch, tmp_path):
-    for row in _ROWS:
-        if row.name not in METHODS:
-            monkeypatch.setitem(METHODS, row.name, row)
+    judges = StubJudges()
     monkeypatch.setattr(runtime, "load_base_policy", lambda name: (tiny_llama(), tiny_tokenizer()))
-    monkeypatch.setattr(runtime, "load_rewards", lambda data_dir, dataset: StubRewards())
+    monkeypatch.setattr(runtime, "load_rewards", lambda cfg, device: StubRewards())
+    monkeypatch.setattr(runtime, "load_judges", lambda cfg, device: judges)
     monkeypatch.setattr(runtime, "preflight", lambda cfg: ["stubs"])  # they stand in for the real sources
     monkeypatch.setattr(runtime, "_BUNDLES", {})
     rng = random.Random(0)
     words = "tell me about the sun write a poem list three fruits explain why sky blue".split()
     records = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) + f" #{i}",
-                "input": "", "output": "ok"} for i in range(200)]
+                "input": "", "output": f"ok {i % 3}"} for i in range(200)]
     (tmp_path / "data" / "alpaca").mkdir(parents=True)
     (tmp_path / "data" / "alpaca" / "alpaca_5000.json").write_text(json.dumps(records))
     threads = torch.get_num_threads()
@@ -218,7 +223,9 @@ def test_shepherd_lora_uplink_is_lora_only(tiny_pfit) -> None:
     assert names and all(".lora_" in n for n in names)
     assert rounds[1]["clients"]["0"]["uplink_bytes"] == sum(
         p.numel() * 4 for n, p in bundle.lm.named_parameters() if p.requires_grad)
-    assert summary["reward_weights"] == {"0": [0.5, 0.5], "1": [0.5, 0.5]}
+    assert summary["reward_weights"] is None and summary["trainer"] == "sft"  # no reward model in training
+    assert summary["preference_weights"] == {"0": [0.8, 0.2], "1": [0.2, 0.8]}  # but scored like PFIT
+    assert "train_loss" in rounds[1]["clients"]["0"] and "reward_train" not in rounds[1]["clients"]["0"]
 
 
 def test_pfit_over_lossy_wireless_link(tiny_pfit) -> None:
@@ -264,7 +271,7 @@ def test_real_server_and_client_apps(tiny_pfit) -> None:
 @pytest.mark.parametrize(("method", "personal"), [("pfit", True), ("shepherd", False)])
 def test_round_starts_from_own_local_model_or_the_global(tiny_pfit, monkeypatch, method, personal) -> None:
     """PFIT clients continue their personalised model (the proximal term ties it to the global);
-    Shepherd, plain FedAvg of LoRA, starts every round from the global."""
+    Shepherd, plain FedAvg of supervised LoRA, starts every round from the (moving) global and keeps nothing."""
     starts, seen, current = {}, {}, {}
     real_load = client.load_trainable_state
 
@@ -299,5 +306,7 @@ def test_round_starts_from_own_local_model_or_the_global(tiny_pfit, monkeypatch,
         assert set(starts[(cid, 1)]) == set(glob) and all(torch.equal(starts[(cid, 1)][k], v)
                                                            for k, v in seen[(cid, 1)][1].items())
         want = local if personal else glob
-        assert local and all(torch.equal(starts[(cid, 2)][k], want[k]) for k in glob)
-        assert any(not torch.equal(local[k], glob[k]) for k in glob)  # the two really differ
+        assert bool(local) == personal  # Shepherd keeps nothing private
+        assert all(torch.equal(starts[(cid, 2)][k], want[k]) for k in glob)
+        other = glob if personal else starts[(cid, 1)]
+        assert any(not torch.equal(want[k], other[k]) for k in glob)  # the two really differ

@@ -73,7 +73,7 @@ def _write_synthetic(data_dir: Path, n_pairs: int = 64, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
-    _write_synthetic(data_dir)
+    _write_synthetic(data_dir, n_pairs=128)  # the reward models train on one half (64), the judges on the other
     return data_dir
 
 
@@ -149,7 +149,7 @@ def test_learns_marker_preference(tiny_trained: tuple[RewardModels, Path]) -> No
     models, _ = tiny_trained
     for objective, m in models.metrics["objectives"].items():
         assert m["heldout_accuracy"] >= 0.9, (objective, m)
-        assert m["n_train"] + m["n_val"] + m["n_heldout"] == m["n_pairs"] == 64
+        assert m["n_train"] + m["n_val"] + m["n_heldout"] == m["n_pairs"] == 64  # the reward-model half of 128
     prompts = ["Can you help me with making tea?"] * 2
     help_pair = ["Making tea certainly is easy.", "Making tea is easy."]
     safe_pair = ["Sorry, making tea is easy.", "Making tea is easy."]

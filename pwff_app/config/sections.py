@@ -136,8 +136,8 @@ class TaskConfig(Section):
 class InstructConfig(Section):
     """Instruction tuning (PFIT and contenders). Defaults fit 4 clients on 2 cores.
 
-    ``use_lora``, ``personal_start`` and ``eval_seed`` are no run-config keys: the method's
-    row in :data:`pwff_app.methods.METHODS` sets them (:meth:`for_method`).
+    ``trainer``, ``eval_model``, ``use_lora``, ``personal_start`` and ``eval_seed`` are no
+    run-config keys: the method's row in :data:`pwff_app.methods.METHODS` sets them (:meth:`for_method`).
     """
 
     SECTION: ClassVar[str] = "instruct"
@@ -152,6 +152,7 @@ class InstructConfig(Section):
     ppo_epochs: PositiveInt = 2  # PPO epochs per rollout batch
     eval_prompts: PositiveInt = 16  # fixed held-out prompts, the same for every client
     eval_samples: PositiveInt = 8  # sampled responses per held-out prompt
+    eval_split: Literal["test", "validation"] = "test"  # Alpaca split evaluated: test (report) | validation (tune)
     sparsity: Sparsity = (0.4,)  # per client, cycled: share of attention weights not updated, in [0, 1); or "adaptive"
     mask_rule: MaskRule = "magnitude"
     reward_weights: Annotated[tuple[tuple[float, float], ...], BeforeValidator(_weight_pairs)] = (
@@ -163,6 +164,9 @@ class InstructConfig(Section):
     temperature: Positive = 0.7  # sampling temperature (rollouts and held-out evaluation)
     gae_lambda: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0
     lora_rank: PositiveInt = 8  # LoRA rank when the method uses LoRA (shepherd)
+    sft_epochs: PositiveInt = 2  # shepherd: supervised epochs over a round's prompts-per-round records
+    trainer: Literal["ppo", "sft"] = "ppo"  # the method's row: PPO on rewards, or supervised (Shepherd)
+    eval_model: Literal["local", "global"] = "local"  # the method's row: whose model a client evaluates
     use_lora: Bool = False
     personal_start: Bool = True
     eval_seed: Int = 1234

@@ -88,6 +88,8 @@ RANGES: dict[str, Range] = {
     "sparsity": Range(0.0, 1.0, open_high=True),
     "reward-train": FINITE, "help-train": FINITE, "safe-train": FINITE, "reg-reward": FINITE, "kl": FINITE,
     "helpfulness": FINITE, "safety": FINITE, "combined": FINITE,
+    "judge-helpfulness": FINITE, "judge-safety": FINITE, "judge-combined": FINITE,
+    "response-tokens": NON_NEGATIVE, "refusal-share": Range(0.0, 1.0),
 }
 
 
@@ -116,7 +118,11 @@ KINDS: dict[str, ReplyKind] = {
     "task/evaluate+global+shared-only": _kind(False, f"{_TASK_EVAL} {_GLOBAL} {_SHARED_ONLY}", _EVAL_INFO),
     "instruct/train": _kind(True, "num-examples reward-train help-train safe-train kl reg-reward sparsity "
                             "mask-seed global-crc attention-flops attention-flops-dense upload-bytes", _TRAIN_INFO),
-    "instruct/evaluate": _kind(False, "num-examples helpfulness safety combined kl", _EVAL_INFO),
+    # Shepherd's supervised round: its loss instead of the PPO statistics (no reward in training)
+    "instruct/sft-train": _kind(True, "num-examples train-loss sparsity mask-seed global-crc attention-flops "
+                                "attention-flops-dense upload-bytes", _TRAIN_INFO),
+    "instruct/evaluate": _kind(False, "num-examples helpfulness safety combined kl judge-helpfulness judge-safety "
+                               "judge-combined response-tokens refusal-share", _EVAL_INFO),
     "split/activations": _kind(True, "num-examples num-steps", _SPLIT_INFO),  # train and evaluate steps
     "split/weights": _kind(True, "num-examples num-steps skipped-backward", _SPLIT_INFO),
 }

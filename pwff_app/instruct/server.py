@@ -59,6 +59,13 @@ class _SparseAggregation:
         return arrays, metrics
 
 
+#: The train reply kind (pwff_app.federation.checks.KINDS) of each trainer a method row can name.
+TRAIN_KINDS = {"ppo": "instruct/train", "sft": "instruct/sft-train"}
+# A train reply's metrics go into rounds.jsonl under these names (the rest: '-' -> '_'), but these.
+_TRAIN_RECORD = {"kl": "kl_train"}
+_NOT_RECORDED = frozenset({"num-examples", "mask-seed", "global-crc", "upload-bytes"})
+
+
 class SparsePartialMixin(_PartialMixin, _SparseAggregation):
     """Reply checks for packed sparse uploads, and the per-client PFIT records.
 
@@ -75,6 +82,7 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
         super().__init__(**kwargs)
         self.block_names, self.mask_rule, self.sparse_fedavg, self.lora = list(block_names), mask_rule, sparse_fedavg, lora
         self.icfg = icfg if icfg is not None else InstructConfig()
+        self.REPLY_KINDS = (TRAIN_KINDS[self.icfg.trainer], "instruct/evaluate")
         self._chosen: dict[int, float] = {}  # client -> s chosen this round (instruct.sparsity = "adaptive")
         self._decoded: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]] = {}
         self._mask_cache: dict[tuple[float, int], dict[str, torch.Tensor]] = {}
@@ -159,12 +167,9 @@ class SparsePartialMixin(_PartialMixin, _SparseAggregation):
         if problem is not None:
             return problem
         self._decoded[id(content)] = (dense, masks, float(metrics[self.weighted_by_key]))
-        self.recorder.client(self.roster[msg.metadata.src_node_id], sparsity=s,
-                             reward_train=metrics["reward-train"], kl_train=metrics["kl"],
-                             reg_reward=metrics["reg-reward"], help_train=metrics["help-train"],
-                             safe_train=metrics["safe-train"], attention_flops=int(metrics["attention-flops"]),
-                             attention_flops_dense=int(metrics["attention-flops-dense"]),
-                             compute_s=float(info["compute-s"]))
+        self.recorder.client(self.roster[msg.metadata.src_node_id], compute_s=float(info["compute-s"]),
+                             **{_TRAIN_RECORD.get(k, k.replace("-", "_")): metrics[k] for k in metrics
+                                if k not in _NOT_RECORDED})
         return None
 
     def _record_evaluation(self, client_id: int, metrics: Mapping[str, Any]) -> None:
@@ -207,16 +212,23 @@ def make_strategy(cfg: RunConfig, icfg: InstructConfig, recorder: RunRecorder, b
         min_survivors=agg.min_survivors, max_update_norm=agg.max_update_norm, **extra, **kwargs)
 
 
+#: What the summary keeps of each client's last evaluation (rounds.jsonl names).
+EVAL_KEYS = ("helpfulness", "safety", "combined", "judge_helpfulness", "judge_safety", "judge_combined", "kl",
+             "response_tokens", "refusal_share")
+
+
 def _reward_block(recorder: RunRecorder) -> dict[str, Any]:
-    """Each client's last held-out rewards (helpfulness, safety, combined, KL) and the mean combined."""
+    """Each client's last evaluation (:data:`EVAL_KEYS`), ``mean`` = the mean training-RM combined
+    reward, and ``means``: the mean over clients of every key."""
     last: dict[str, dict[str, float]] = {}
     for r in recorder.rounds:
         for cid, c in r["clients"].items():
             if "combined" in c:
-                last[cid] = {k: float(c[k]) for k in ("helpfulness", "safety", "combined", "kl") if k in c}
+                last[cid] = {k: float(c[k]) for k in EVAL_KEYS if k in c}
     last = dict(sorted(last.items(), key=lambda kv: int(kv[0])))
-    mean = float(np.mean([v["combined"] for v in last.values()])) if last else None
-    return {"per_client": last, "mean": mean}
+    means = {k: float(np.mean([v[k] for v in last.values()])) for k in EVAL_KEYS
+             if last and all(k in v for v in last.values())}
+    return {"per_client": last, "mean": means.get("combined"), "means": means}
 
 
 def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRecord | None,
@@ -233,6 +245,10 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
     runtime.load_rewards(cfg, device)  # train once here, not in every client at once
     reward_s = time.perf_counter() - t0
     print(f"[pwff] reward models ready in {reward_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    runtime.load_judges(cfg, device)  # the evaluation's judges, likewise; never used in training
+    judges_s = time.perf_counter() - t0
+    print(f"[pwff] judges ready in {judges_s:.1f} s", flush=True)
     t0 = time.perf_counter()
     bundle = runtime.get_bundle(icfg.policy_name, icfg.bundle_lora_rank, device, dtype)
     initial_state = trainable_state(bundle.lm)
@@ -258,8 +274,14 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
                                     {str(c): icfg.client_sparsity(c) for c in range(cfg.num_clients)}),
                      "mask_rule": icfg.mask_rule, "uplink": "sparse (masked attention values + dense rest)",
                      "downlink": "dense"},
-        "reward_weights": {str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)},
+        # what each client's training optimises (none: Shepherd's supervised tuning uses no reward model)
+        "reward_weights": ({str(c): list(icfg.client_weights(c)) for c in range(cfg.num_clients)}
+                           if icfg.trainer == "ppo" else None),
+        # what every method is evaluated with: the clients' own preferences (instruct.reward-weights)
+        "preference_weights": {str(c): list(cfg.instruct.client_weights(c)) for c in range(cfg.num_clients)},
         "reward_models_s": round(reward_s, 3),
+        "judges_s": round(judges_s, 3),
+        "trainer": icfg.trainer, "eval_model": icfg.eval_model, "eval_split": icfg.eval_split,
         "aggregator": cfg.aggregation.aggregator,
         "instruct": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(icfg).items()},
                      "policy": policy_source(icfg.policy_name)},  # which weights: GGUF (quantized) or full

@@ -12,12 +12,13 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pwff_app.files import cache_dir, write_atomic, write_json_atomic
-from pwff_app.instruct.rewards.data import HH_FILES, HH_HUB_ID, objective_fingerprint
+from pwff_app.instruct.rewards.data import HALF_SEED, HH_FILES, HH_HUB_ID, objective_fingerprint
 from pwff_app.instruct.rewards.model import (
     RewardConfig,
     RewardModels,
@@ -27,7 +28,7 @@ from pwff_app.instruct.rewards.model import (
 )
 from pwff_app.instruct.rewards.training import train_reward_models
 
-_CACHE_FORMAT = 1  # bump when the saved layout or the training recipe changes meaning
+_CACHE_FORMAT = 2  # bump when the saved layout or the training recipe changes meaning (2: the RM half)
 
 
 def default_cache_dir() -> Path:
@@ -35,12 +36,15 @@ def default_cache_dir() -> Path:
     return cache_dir("reward-models")
 
 
-def cache_key(config: RewardConfig, encoder_ident: str, data_dir: str | Path | None,
+def cache_key(config: Any, encoder_ident: str, data_dir: str | Path | None,
               dataset: str = HH_HUB_ID) -> str:
-    """Hex key over the cache format, the config, the encoder's identity and the data (files, else Hub rows)."""
+    """Hex key over the cache format, the recipe (its dataclass type and every field: a
+    :class:`RewardConfig` or a judges' :class:`~.judges.JudgeConfig`), the encoder's identity and
+    the data (files, else Hub rows), with the fixed half split (:data:`~.data.HALF_SEED`)."""
     data = {name: objective_fingerprint(data_dir, name, dataset) for name in HH_FILES}
     blob = json.dumps(
-        {"format": _CACHE_FORMAT, "config": asdict(config), "encoder": encoder_ident, "data": data}, sort_keys=True
+        {"format": _CACHE_FORMAT, "recipe": type(config).__name__, "config": asdict(config),
+         "encoder": encoder_ident, "data": data, "half_seed": HALF_SEED}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

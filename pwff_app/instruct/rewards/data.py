@@ -120,6 +120,23 @@ def objective_fingerprint(data_dir: str | Path | None, objective: str,
     return {"hub": dataset, "data_dir": HH_HUB_DIRS[objective], "rows": len(rows), "sha256": digest}
 
 
+#: Seed of the one split of each HH-RLHF file into the training reward models' half and the judges'
+#: half. Fixed (not a run or recipe seed), so the two kinds never see each other's pairs.
+HALF_SEED = 15
+#: Which half each kind of model learns from.
+HALVES = ("reward-model", "judge")
+
+
+def half_of(pairs: list[PreferencePair], half: str) -> list[PreferencePair]:
+    """``half`` (:data:`HALVES`) of a file's pairs, in file order: :func:`split_indices` with
+    :data:`HALF_SEED` cuts the file in two (``round(n / 2)`` pairs for the training reward models,
+    the rest for the judges); the two halves are disjoint."""
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
+    judge_idx, rm_idx = split_indices(len(pairs), 0.5, HALF_SEED)
+    return [pairs[i] for i in (rm_idx if half == "reward-model" else judge_idx)]
+
+
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Shuffle ``range(n)`` with ``seed``; return (rest, part) with ``part`` ~``fraction`` of n."""
     order = list(range(n))

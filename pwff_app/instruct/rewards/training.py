@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pwff_app.device import fork_rng
-from pwff_app.instruct.rewards.data import HH_FILES, HH_HUB_ID, PreferencePair, objective_pairs, split_indices
+from pwff_app.instruct.rewards.data import HH_FILES, HH_HUB_ID, PreferencePair, half_of, objective_pairs, split_indices
 from pwff_app.instruct.rewards.model import (
     RewardConfig,
     RewardModel,
@@ -145,7 +145,8 @@ def train_reward_models(
     dataset: str = HH_HUB_ID,
     device: torch.device = torch.device("cpu"),
 ) -> tuple[RewardModels, dict]:
-    """Train both reward models from HH-RLHF: the files under ``data_dir``, else the Hub's ``dataset``.
+    """Train both reward models from HH-RLHF: the files under ``data_dir``, else the Hub's ``dataset``;
+    of each file the reward models' half (:func:`~.data.half_of`), the judges keep the other.
 
     ``encoder`` reuses an already loaded encoder (default: ``load_encoder(config.encoder, ...)``
     on ``device``); it should be the one ``config.encoder`` names, with ``config.max_length``.
@@ -153,7 +154,8 @@ def train_reward_models(
     Returns the models and the metrics: per objective the held-out accuracy (measured once,
     after all choices), train/val accuracy, split sizes and seconds.
     """
-    data = {name: objective_pairs(data_dir, name, dataset) for name in HH_FILES}  # fail before loading anything
+    # The reward models' half of each file (the judges learn from the other); fail before loading anything
+    data = {name: half_of(objective_pairs(data_dir, name, dataset), "reward-model") for name in HH_FILES}
     started = time.perf_counter()
     encoder = encoder or load_encoder(config.encoder, config.max_length, device)
     models = RewardModels(encoder, config)
