@@ -20,7 +20,7 @@ import torch
 
 from pwff_app.instruct.rewards import cache, cli, training
 from pwff_app.instruct.rewards.cache import load_or_train_reward_models
-from pwff_app.instruct.rewards.data import HH_FILES, load_preference_pairs, split_dialogue, split_indices
+from pwff_app.instruct.rewards.data import HH_FILES, half_of, load_preference_pairs, split_dialogue, split_indices
 from pwff_app.instruct.rewards.model import RewardConfig, RewardModels
 from pwff_app.instruct.rewards.training import bradley_terry_loss, pairwise_accuracy
 
@@ -140,7 +140,7 @@ def test_config_rejects_unknown_choices() -> None:
 
 def test_loading_pairs_drops_identical_sides(tiny_data: Path) -> None:
     pairs = load_preference_pairs(tiny_data / HH_FILES["helpfulness"])
-    assert len(pairs) == 64
+    assert len(pairs) == 128
     assert all(p.chosen_prompt.startswith("Can you help me with") for p in pairs)
     assert all("certainly" in p.chosen.lower() and "certainly" not in p.rejected.lower() for p in pairs)
 
@@ -175,7 +175,7 @@ def test_score_api_shapes_and_shared_encoder(tiny_trained: tuple[RewardModels, P
 def test_scores_are_standardised_on_training_split(tiny_data: Path, tiny_trained: tuple[RewardModels, Path]) -> None:
     models, _ = tiny_trained
     for objective, model in models.objectives().items():
-        pairs = load_preference_pairs(tiny_data / HH_FILES[objective])
+        pairs = half_of(load_preference_pairs(tiny_data / HH_FILES[objective]), "reward-model")
         train, _ = split_indices(len(pairs), TINY.held_out_fraction, TINY.seed)
         prompts = [pairs[i].chosen_prompt for i in train] + [pairs[i].rejected_prompt for i in train]
         responses = [pairs[i].chosen for i in train] + [pairs[i].rejected for i in train]
