@@ -56,12 +56,14 @@ def supervised_round(lm: Any, tokenizer: Any, examples: Sequence[Mapping[str, st
                 learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                 max_length=SFT_MAX_LENGTH, completion_only_loss=True, seed=seed, data_seed=seed,
                 save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
-                use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
+                use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=False, dataloader_num_workers=0,
                 dataset_num_proc=None, log_level="error")
             trainer = SFTTrainer(model=lm, args=args, train_dataset=Dataset.from_list(list(examples)),
                                  processing_class=tokenizer)
             trainer.remove_callback(PrinterCallback)  # the loss goes into the reply, not stdout
             result = trainer.train()
+            # the cached policy serves the next message: no mixed-precision forward wrapper stays on it
+            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
             losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
     finally:
         if bars:

@@ -162,11 +162,13 @@ def train_judge(judges: Judges, name: str, pairs: Sequence[PreferencePair], devi
                 output_dir=out, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
                 learning_rate=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, data_seed=cfg.seed,
                 max_length=None, save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
-                use_cpu=device.type == "cpu", dataloader_num_workers=0, log_level="error")
+                use_cpu=device.type == "cpu", bf16=False, fp16=False,  # fp32: the saved judge scores as trained
+                dataloader_num_workers=0, log_level="error")
             trainer = RewardTrainer(model=judges.models[name], args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tok)
             trainer.remove_callback(PrinterCallback)
             trainer.train()
+            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # no forward wrapper left
     finally:
         if bars:
             enable_progress_bars()
