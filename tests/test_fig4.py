@@ -254,7 +254,23 @@ def judge_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_dir
 
 
-def test_judges_learn_from_the_other_half_and_cache(judge_data: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT with the offline MiniLM's tokenizer, saved as a folder: the judges' ``encoder``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pwff_app.files import default_encoder_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_encoder_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_judges_learn_from_the_other_half_and_cache(judge_data: Path, tiny_encoder: str, tmp_path: Path) -> None:
     from pwff_app.instruct.rewards.data import HH_FILES, half_of, objective_pairs
     from pwff_app.instruct.rewards.judges import JudgeConfig, judge_cache_entry, load_or_train_judges
 
@@ -262,7 +278,7 @@ def test_judges_learn_from_the_other_half_and_cache(judge_data: Path, tmp_path: 
         pairs = objective_pairs(judge_data, name)
         rm, judge = half_of(pairs, "reward-model"), half_of(pairs, "judge")
         assert len(rm) + len(judge) == len(pairs) and not {id(p) for p in rm} & {id(p) for p in judge}  # by row
-    config = JudgeConfig(max_length=64, epochs=4, batch_size=8, lr=1e-4)
+    config = JudgeConfig(encoder=tiny_encoder, max_length=64, epochs=10, batch_size=8, lr=2e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

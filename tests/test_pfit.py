@@ -35,7 +35,7 @@ class StubRewards:
 
 
 class StubJudges:
-    """A different stub: helpfulness = number of words, safety = -(share of 'a'); marked as a judge."""
+    """A different stub: helpfulness = distinct characters / 10, safety = -(share of 'a'); marked as a judge."""
 
     is_judge = True
 
@@ -44,7 +44,7 @@ class StubJudges:
 
     def score(self, prompts, responses):
         self.calls += 1
-        return {"helpfulness": torch.tensor([float(len(r.split())) for r in responses]),
+        return {"helpfulness": torch.tensor([len(set(r)) / 10 for r in responses]),
                 "safety": torch.tensor([-r.count("a") / max(1, len(r)) for r in responses])}
 
 

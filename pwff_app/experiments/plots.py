@@ -16,10 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
-from pwff_app.experiments.tables import setting_labels  # noqa: E402
+from pwff_app.experiments.tables import family_of, setting_labels  # noqa: E402
 
 _COLORS = {"pftt": "#d62728", "vanilla-fl": "#1f77b4", "fedlora": "#2ca02c", "fedbert": "#9467bd",
-           "local": "#7f7f7f", "fedavg-full": "#ff7f0e"}
+           "local": "#7f7f7f", "fedavg-full": "#ff7f0e",
+           "pfit": "#d62728", "pfl": "#1f77b4", "sfl": "#2ca02c", "shepherd": "#9467bd"}
 
 
 def _save(fig: Any, ax: Any, path: Path, legend: bool = True) -> Path:
@@ -63,28 +64,40 @@ def _score_label(rows: Sequence[dict[str, Any]]) -> str:
     return " / ".join(_SCORE_LABELS.get(score, score) for score in scores)
 
 
-def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Personalized accuracy (or, for instruction tuning, held-out reward; mean over clients) by
-    round, one line + band per method."""
+def plot_curve(rows: Sequence[dict[str, Any]], path: Path, key: str, ylabel: str, title: str,
+               highlight: tuple[str, ...] = ("pftt", "pfit")) -> Path:
+    """``row[key]`` (``(round, mean, std, n)`` by round) as one line + a ±std band over seeds per method."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, row in enumerate(rows):
-        curve = [(r, m, s) for r, m, s, _n in row["curve"] if m is not None]
+        curve = [(r, m, s) for r, m, s, _n in row.get(key, []) if m is not None]
         if not curve:
             continue
         x = [c[0] for c in curve]
         m = [c[1] for c in curve]
         s = [c[2] or 0.0 for c in curve]
         color = _color(row["method"], i)
-        ax.plot(x, m, marker="o", ms=3, lw=2.2 if row["method"] == "pftt" else 1.4, color=color,
+        ax.plot(x, m, marker="o", ms=3, lw=2.2 if row["method"] in highlight else 1.4, color=color,
                 label=row["method"])
         ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    label = _score_label(rows)
-    ax.set_ylabel(f"{label} (mean over clients)")
-    ax.set_title(f"{label[0].upper()}{label[1:]} vs round ({_subtitle(rows)})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} ({_subtitle(rows)})")
     ax.grid(alpha=0.3)
     return _save(fig, ax, path)
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Personalized accuracy (or, for instruction tuning, held-out reward; mean over clients) by
+    round, one line + band per method."""
+    label = _score_label(rows)
+    return plot_curve(rows, path, "curve", f"{label} (mean over clients)", f"{label[0].upper()}{label[1:]} vs round")
+
+
+def plot_judge_reward(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Judge reward (each client's preference mix, mean over clients; test prompts) by round, band over seeds."""
+    return plot_curve(rows, path, "judge_curve", "judge reward, preference mix (mean over clients)",
+                      "Judge reward vs round")
 
 
 def plot_accuracy_vs_bytes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -245,10 +258,17 @@ def plot_sweep(points: Sequence[tuple[Any, dict[str, Any]]], key: str, out_dir: 
 
 
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Every plot of a comparison into ``out_dir``; final accuracy vs uplink bytes per round only
-    for runs that report accuracy (task tuning)."""
+    """Every plot of a comparison into ``out_dir``. A PFIT one (instruct family): the judge reward and
+    the training-RM reward by round, the communication per round; otherwise the accuracy plots
+    (final accuracy vs uplink bytes per round only for runs that report accuracy) and the
+    communication per round."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if family_of(rows) == "instruct":
+        return [plot_judge_reward(rows, out_dir / "judge_reward_vs_round.png"),
+                plot_accuracy(rows, out_dir / "train_rm_reward_vs_round.png"),
+                plot_uplink_bytes(rows, out_dir / "uplink_bytes_per_round.png"),
+                plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png")]
     files = [plot_accuracy(rows, out_dir / "accuracy_vs_round.png"),
              plot_uplink_bytes(rows, out_dir / "uplink_bytes_per_round.png"),
              plot_uplink_delay(rows, out_dir / "uplink_delay_per_round.png"),

@@ -15,6 +15,8 @@ from typing import Any
 
 # Fig. 5 methods first, then the two reference points; also the row order of the tables.
 ALL_METHODS: tuple[str, ...] = ("pftt", "vanilla-fl", "fedlora", "fedbert", "local", "fedavg-full")
+# Fig. 4: PFIT and its three contenders (methods.py rows); the row order of `pwff reproduce pfit`.
+PFIT_METHODS: tuple[str, ...] = ("pfit", "pfl", "sfl", "shepherd")
 
 # Run-config overrides per profile (on top of pyproject defaults). Both keep the wireless
 # channel on with its defaults: Rayleigh fading, 5 dB average SNR.
@@ -39,9 +41,26 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "task.num-rounds": 40,
     },
+    # Fig. 4 on 2 CPU cores: 4 methods x 3 seeds in < 60 min. Sized from the default PFIT job
+    # (4 clients, 5 rounds, 16 prompts x 4 samples, 4 PPO steps, 24 new tokens: 17 m 23 s idle):
+    # 2 clients (one per core, one of each preference), 3 rounds, a third of the rollout tokens per
+    # round (8 x 4 x 16) and a twelfth of the evaluation's (8 x 4 x 16); docs/fig4.md has the sums.
+    "pfit-quick": {
+        "num-clients": 2,
+        "instruct.num-rounds": 3,
+        "instruct.prompts-per-round": 8,
+        "instruct.ppo-steps": 2,
+        "instruct.max-new-tokens": 16,
+        "instruct.eval-prompts": 8,
+        "instruct.eval-samples": 4,
+    },
+    # The paper's Fig. 4 setting: 4 clients, 40 rounds, Rayleigh, 5 dB (pyproject defaults), for a GPU.
+    "pfit-full": {
+        "instruct.num-rounds": 40,
+    },
 }
 # Wall-clock limit of one run (seconds) per profile; a run past it counts as failed.
-RUN_TIMEOUT_S = {"quick": 900, "medium": 1800, "full": 6 * 3600}
+RUN_TIMEOUT_S = {"quick": 900, "medium": 1800, "full": 6 * 3600, "pfit-quick": 1200, "pfit-full": 12 * 3600}
 # The methods that decide the paper's claims: the medium profile's default rows.
 MEDIUM_METHODS: tuple[str, ...] = ("pftt", "vanilla-fl", "fedlora", "local")
 # Beside PFTT's adapter widths (--adapter-sizes): FedLoRA at its LoRA rank, and local training.

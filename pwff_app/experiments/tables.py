@@ -19,6 +19,7 @@ from typing import Any
 from pwff_app.experiments.profiles import ALL_METHODS, variant_of
 
 PFTT_TITLE = "PFTT vs contenders (Fig. 5)"
+PFIT_TITLE = "PFIT vs contenders (Fig. 4)"
 COMPRESSION_TITLE = "PFTT with compressed updates (issue 17)"
 WIDTHS_TITLE = "PFTT adapter widths vs FedLoRA and local (Fig. 5, issue 18)"
 
@@ -44,6 +45,24 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("late_rate", "updates late (share of scheduled)"),
     ("jain_delivered", "Jain's index of updates delivered"),
 )
+# The instruct family's final evaluation (summary.json reward.means: the mean over clients of each
+# client's last evaluation on the test prompts), added to METRICS for the PFIT comparison.
+PFIT_METRICS: tuple[tuple[str, str], ...] = (
+    ("judge_combined", "final judge reward, client's preference mix"),
+    ("judge_helpfulness", "final judge helpfulness"),
+    ("judge_safety", "final judge safety"),
+    ("train_rm_reward", "final training-RM reward, client's preference mix"),
+    ("train_rm_helpfulness", "final training-RM helpfulness"),
+    ("train_rm_safety", "final training-RM safety"),
+    ("kl", "final KL to the pretrained reference (nats)"),
+    ("response_tokens", "final mean response length (tokens)"),
+    ("refusal_share", "final share of refusal-like responses"),
+)
+# summary.json reward.means key of each PFIT metric
+_PFIT_SOURCE = {"judge_combined": "judge_combined", "judge_helpfulness": "judge_helpfulness",
+                "judge_safety": "judge_safety", "train_rm_reward": "combined", "train_rm_helpfulness": "helpfulness",
+                "train_rm_safety": "safety", "kl": "kl", "response_tokens": "response_tokens",
+                "refusal_share": "refusal_share"}
 # The tables of comparison.md: (key, header, format). Delay and latency get their own table,
 # with median and p95 beside the mean: the Rayleigh delay's mean is infinite (MD_NOTES).
 RESULT_COLUMNS = (("accuracy", "final personalized accuracy", "acc"),
@@ -55,6 +74,20 @@ RESULT_COLUMNS = (("accuracy", "final personalized accuracy", "acc"),
                   ("energy_per_round_j", "energy / round (J)", "float"),
                   ("uplink_loss_rate", "uplink updates lost", "pct"),
                   ("n_seeds", "seeds", "int"))
+PFIT_COLUMNS = (("judge_combined", "judge reward (combined)", "float"),
+                ("judge_helpfulness", "judge helpfulness", "float"),
+                ("judge_safety", "judge safety", "float"),
+                ("train_rm_reward", "training-RM reward (combined)", "float"),
+                ("uplink_bytes_per_round", "uplink bytes / round", "bytes"),
+                ("ergodic_uplink_delay_s", "uplink delay, ergodic (s)", "float"),
+                ("energy_per_round_j", "energy / round (J)", "float"),
+                ("n_seeds", "seeds", "int"))
+BEHAVIOUR_COLUMNS = (("kl", "KL to reference", "float"),
+                     ("response_tokens", "response tokens", "float"),
+                     ("refusal_share", "refusal-like", "pct"),
+                     ("train_rm_helpfulness", "training-RM helpfulness", "float"),
+                     ("train_rm_safety", "training-RM safety", "float"),
+                     ("uplink_loss_rate", "uplink updates lost", "pct"))
 DELAY_COLUMNS = (("ergodic_uplink_delay_s", "uplink delay, ergodic (s)", "float"),
                  ("mean_uplink_delay_s", "uplink delay, mean (s)", "float"),
                  ("median_uplink_delay_s", "uplink delay, median (s)", "float"),
@@ -142,6 +175,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     rounds = read_rounds(run_dir)
     curve = [(int(r["round"]), _num(r.get(f"{score}_mean"))) for r in rounds]
     curve = [(rnd, v) for rnd, v in curve if v is not None]
+    means = (s.get("reward") or {}).get("means") or {}  # instruct runs: the final evaluation
+    judge_curve: list[tuple[int, float]] = []  # (round, mean judge reward over the clients evaluated)
     sent: list[tuple[int, float]] = []  # (round, uplink bytes of every client up to and with it)
     link_curve: list[tuple[int, float, float, float | None]] = []
     air = energy_up = 0.0
@@ -157,6 +192,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             scheduled += link["participants"]
             late += link.get("late", 0)
             link_curve.append((int(r["round"]), air, energy_up, _num(r.get("accuracy_mean"))))
+        judged = [_num(c.get("judge_combined")) for c in (r.get("clients") or {}).values()]
+        judged = [v for v in judged if v is not None]
+        if judged:
+            judge_curve.append((int(r["round"]), statistics.fmean(judged)))
     accuracy = s.get("accuracy") or {}
     return {
         "variant": variant_of(run_dir.name),
@@ -187,8 +226,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "num_clients": _clients_of(s),
         "channel": channel_label(s),
         "curve": curve,
+        "judge_curve": judge_curve,
         "uplink_bytes_curve": sent,
         "link_curve": link_curve,
+        **{k: _num(means.get(src)) for k, src in _PFIT_SOURCE.items()},
     }
 
 
@@ -202,8 +243,9 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
 
 def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_METHODS) -> list[dict[str, Any]]:
     """One row per variant (the run folder's name up to ``-seed<S>``; for a plain reproduction the
-    method): ``<metric>_mean`` / ``<metric>_std`` over seeds for every metric of :data:`METRICS`,
-    ``n_seeds``, ``seeds``, the mean +- std accuracy ``curve`` by round and the mean cumulative
+    method): ``<metric>_mean`` / ``<metric>_std`` over seeds for every metric of :data:`METRICS`
+    and :data:`PFIT_METRICS`, ``n_seeds``, ``seeds``, the mean +- std accuracy ``curve`` and judge
+    reward ``judge_curve`` by round (``(round, mean, std, n)``) and the mean cumulative
     ``uplink_bytes_curve`` (round -> bytes of every client so far). ``method`` is the row's
     label (the variant), ``methods`` the runs' own ``method`` values.
 
@@ -222,13 +264,14 @@ def aggregate_runs(run_dirs: Iterable[Path], method_order: Sequence[str] = ALL_M
                                "n_seeds": len(runs), "seeds": [r["seed"] for r in runs]}
         for key in ("num_clients", "channel", "score"):  # what the runs were, from their own configs
             row[key] = sorted({r[key] for r in runs if r[key] is not None})
-        for key, _ in METRICS:
+        for key, _ in METRICS + PFIT_METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(r[key] for r in runs)
-        by_round: dict[int, list[float]] = {}
-        for r in runs:
-            for rnd, acc in r["curve"]:
-                by_round.setdefault(rnd, []).append(acc)
-        row["curve"] = [(rnd, *mean_std(v), len(v)) for rnd, v in sorted(by_round.items())]
+        for curve in ("curve", "judge_curve"):
+            by_round: dict[int, list[float]] = {}
+            for r in runs:
+                for rnd, value in r[curve]:
+                    by_round.setdefault(rnd, []).append(value)
+            row[curve] = [(rnd, *mean_std(v), len(v)) for rnd, v in sorted(by_round.items())]
         sent: dict[int, list[float]] = {}
         for r in runs:
             for rnd, total in r.get("uplink_bytes_curve", []):
@@ -255,9 +298,29 @@ def find_run_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
 
 
+def family_of(rows: Sequence[dict[str, Any]]) -> str:
+    """``instruct`` when every run behind ``rows`` is an instruct-family method (a PFIT comparison), else ``task``."""
+    from pwff_app.methods import METHODS
+
+    families = {METHODS[m].family for r in rows for m in r.get("methods", []) if m in METHODS}
+    return "instruct" if families == {"instruct"} else "task"
+
+
+_NOT_IN_PFIT_CSV = frozenset({"accuracy", "global_accuracy", "shared_only_accuracy", "reward"})
+
+
+def csv_metrics(family: str) -> tuple[tuple[str, str], ...]:
+    """The metrics of comparison.csv: a PFIT comparison has the reward metrics instead of accuracy."""
+    if family != "instruct":
+        return METRICS
+    # no accuracies; "reward" (reward.mean) is PFIT_METRICS' train_rm_reward
+    return PFIT_METRICS + tuple(m for m in METRICS if m[0] not in _NOT_IN_PFIT_CSV)
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """``comparison.csv``: one row per method, ``<metric>_mean`` / ``<metric>_std`` columns."""
-    header = ["method", "n_seeds", "seeds"] + [f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std")]
+    """``comparison.csv``: one row per method, ``<metric>_mean`` / ``<metric>_std`` columns (:func:`csv_metrics`)."""
+    metrics = csv_metrics(family_of(rows))
+    header = ["method", "n_seeds", "seeds"] + [f"{k}_{s}" for k, _ in metrics for s in ("mean", "std")]
     with Path(path).open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -318,7 +381,8 @@ head and no private LoRA, on the global test set (`accuracy.shared_only_mean`). 
 clients, `wireless.total_energy_j` / rounds. *Uplink bytes* count delivered updates only (a lost
 update is not in `comm`); *uplink updates lost* is the share of attempted uplinks lost after
 retransmissions (`wireless.loss_rate`).
-
+"""
+DELAY_NOTES = """
 Delay and latency ({channel}): the Rayleigh delay payload / (B · log2(1 + SNR·|h|²)) has an
 infinite mean (E[1/|h|²] diverges near |h|² = 0), so its sample mean over fades
 (`wireless.mean_uplink_delay_s`) is ruled by the rare deep fades and does not settle; the
@@ -328,16 +392,37 @@ the mean over clients of payload / (B · E[log2(1 + SNR·|h|²)]). *Round latenc
 slowest client's downlink + compute + uplink (`rounds.jsonl` `wireless.latency_s`), then mean,
 median and p95 over the rounds of a run (`wireless.*_round_latency_s`).
 """
+MD_NOTES += DELAY_NOTES
+
+
+PFIT_NOTES = """
+Mean ± sample standard deviation (n−1) over seeds of the final round's evaluation on the **test**
+prompts (a fixed Alpaca split no client trains on; `summary.json` `reward.means`: the mean over
+the {clients} of each client's last evaluation). *Judge reward*: the judges (cross-encoders
+trained on the other half of HH-RLHF, never used in training), helpfulness and safety in their
+standardised units and *combined* with each client's own preference weights
+(`instruct.reward-weights`), whatever its method trains on. *Training-RM reward*: the same mix of
+the reward models PPO optimises (Shepherd trains on none). *KL*: to the pretrained reference,
+nats per response; *response tokens*: mean length; *refusal-like*: share of responses matching
+the rule of `pwff_app/instruct/evaluation.py`. *Bytes / round*, *energy / round*, delays: as in
+the PFTT comparison (delivered updates of all clients; transmit energy up + down per round).
+"""
 
 
 def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str = PFTT_TITLE,
                    header: str = "") -> Path:
-    """``comparison.md``: title, ``header`` (what was run), the runs' own setting, both tables and how to read them."""
+    """``comparison.md``: title, ``header`` (what was run), the runs' own setting, the tables (a PFIT
+    comparison's: rewards, then behaviour) and how to read them."""
     clients, channel = setting_labels(rows)
+    if family_of(rows) == "instruct":
+        tables = (markdown_table(rows, PFIT_COLUMNS) + "\n## Behaviour (final round)\n\n"
+                  + markdown_table(rows, BEHAVIOUR_COLUMNS))
+        notes = PFIT_NOTES.format(clients=clients) + DELAY_NOTES.format(channel=channel)
+    else:
+        tables, notes = markdown_table(rows), MD_NOTES.format(clients=clients, channel=channel)
     text = (f"# {title}\n\n" + (header.strip() + "\n\n" if header else "")
-            + f"Runs (from each run's `summary.json`): {clients}, {channel}.\n\n" + markdown_table(rows)
-            + f"\n## Delay and latency ({channel})\n\n" + markdown_table(rows, DELAY_COLUMNS)
-            + MD_NOTES.format(clients=clients, channel=channel))
+            + f"Runs (from each run's `summary.json`): {clients}, {channel}.\n\n" + tables
+            + f"\n## Delay and latency ({channel})\n\n" + markdown_table(rows, DELAY_COLUMNS) + notes)
     Path(path).write_text(text)
     return Path(path)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from pwff_app.instruct.policy import (
     frozen_copy,
     load_policy,
     policy_source,
+    trainable_state,
 )
 from pwff_app.instruct.prompts import ALPACA_FILE, load_alpaca
 from pwff_app.sources import ModelNotFoundError, check_pretrained, encoder_path
@@ -41,7 +42,9 @@ _CPU = torch.device("cpu")
 class Bundle:
     """The models of one (policy, LoRA rank): ``lm`` (trained, wrapped by ``policy`` with its value
     head), ``ref`` (the frozen pretrained reference), ``tokenizer``, and the trainable ``blocks``;
-    all on ``device``, frozen weights in ``dtype`` (also the autocast dtype), trainable ones fp32."""
+    all on ``device``, frozen weights in ``dtype`` (also the autocast dtype), trainable ones fp32.
+    ``initial`` is the trainable part as built (pretrained blocks, fresh LoRA): a run's first
+    global, whatever earlier messages of this process left in ``lm``."""
 
     lm: Any
     tokenizer: Any
@@ -50,6 +53,7 @@ class Bundle:
     blocks: list[str]
     device: torch.device = _CPU
     dtype: torch.dtype = torch.float32
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # One bundle per (policy, LoRA rank): a call asking for another device or dtype replaces it (a
@@ -100,7 +104,8 @@ def get_bundle(policy_name: str, lora_rank: int = 0, device: torch.device = _CPU
                 p.requires_grad_(".lora_" in n)
         torch.manual_seed(0)
         policy = place(PolicyWithValue(lm), device, dtype)
-        _BUNDLES[key] = Bundle(lm, tok, place(ref, device, dtype), policy, blocks, device, dtype)
+        _BUNDLES[key] = Bundle(lm, tok, place(ref, device, dtype), policy, blocks, device, dtype,
+                               trainable_state(lm))
     return _BUNDLES[key]
 
 

@@ -251,7 +251,7 @@ def run_pfit(grid: Grid, cfg: RunConfig, recorder: RunRecorder, resumed: ArrayRe
     print(f"[pwff] judges ready in {judges_s:.1f} s", flush=True)
     t0 = time.perf_counter()
     bundle = runtime.get_bundle(icfg.policy_name, icfg.bundle_lora_rank, device, dtype)
-    initial_state = trainable_state(bundle.lm)
+    initial_state = bundle.initial  # as built: not what earlier runs in this process trained
     print(f"[pwff] policy ready in {time.perf_counter() - t0:.1f} s "
           f"({sum(v.numel() for v in initial_state.values()):,} trainable params shared)", flush=True)
     initial = ArrayRecord({k: Array(v.cpu().numpy()) for k, v in initial_state.items()})
