@@ -71,11 +71,11 @@ def main() -> None:
 
     rounds = [json.loads(line) for line in (out / args.method / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / args.method / "summary.json").read_text())
-    weights = summary["reward_weights"]
+    weights = summary["preference_weights"]  # what every client is scored with (Shepherd trains on no reward)
     cids = sorted(weights, key=int)
     print(f"\n{args.method}: {args.clients} clients, {len(rounds) - 1} rounds, wall {wall:.0f} s "
           f"({args.threads} thread(s), clients in sequence); results in {out / args.method}")
-    print("held-out combined reward (helpfulness / safety) per client; round 0 = pretrained policy")
+    print("test-prompt combined training-RM reward (helpfulness / safety) per client; round 0 = pretrained policy")
     header = "| round | " + " | ".join(f"client {c} ({weights[c][0]:g}:{weights[c][1]:g})" for c in cids) + " |"
     print(header)
     print("|" + " --- |" * (len(cids) + 1))

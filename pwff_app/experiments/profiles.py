@@ -60,7 +60,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 # Wall-clock limit of one run (seconds) per profile; a run past it counts as failed.
-RUN_TIMEOUT_S = {"quick": 900, "medium": 1800, "full": 6 * 3600, "pfit-quick": 1200, "pfit-full": 12 * 3600}
+# pfit-quick: the first run may also train the reward models and the judges (~7 + ~10 min on 2 cores).
+RUN_TIMEOUT_S = {"quick": 900, "medium": 1800, "full": 6 * 3600, "pfit-quick": 2700, "pfit-full": 12 * 3600}
 # The methods that decide the paper's claims: the medium profile's default rows.
 MEDIUM_METHODS: tuple[str, ...] = ("pftt", "vanilla-fl", "fedlora", "local")
 # Beside PFTT's adapter widths (--adapter-sizes): FedLoRA at its LoRA rank, and local training.
