@@ -270,7 +270,9 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
-def test_judges_learn_from_the_other_half_and_cache(judge_data: Path, tiny_encoder: str, tmp_path: Path) -> None:
+def test_judges_learn_from_the_other_half_and_cache(judge_data: Path, tiny_encoder: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from pwff_app.instruct.rewards.data import HH_FILES, half_of, objective_pairs
     from pwff_app.instruct.rewards.judges import JudgeConfig, judge_cache_entry, load_or_train_judges
 
@@ -295,5 +297,13 @@ def test_judges_learn_from_the_other_half_and_cache(judge_data: Path, tiny_encod
         assert again.from_cache and again.metrics == judges.metrics
         for name, v in again.score(prompts_, ["a", "b"]).items():
             assert torch.allclose(v, judges.score(prompts_, ["a", "b"])[name], atol=1e-5)
+        # `pwff train-rewards --judges` (the default recipe; here pointed at the tiny one cached above)
+        from pwff_app.instruct.rewards import cli, judges as judges_module
+
+        load = judges_module.load_or_train_judges
+        monkeypatch.setattr(judges_module, "load_or_train_judges", lambda *a, **kw: load(*a, config=config, **kw))
+        assert cli.main(["--judges", "--data-dir", str(judge_data), "--cache-dir", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "judges (evaluation only)" in out and "helpfulness" in out and "loaded from cache" in out
     finally:
         torch.set_num_threads(threads)
