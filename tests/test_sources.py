@@ -59,8 +59,8 @@ def test_alpaca_from_the_hub_without_a_data_folder(fake_hub) -> None:
     records = prompts.load_alpaca(None, "someone/alpaca")
     assert calls == [("someone/alpaca", {"split": "train"})]
     assert records[1] == {"instruction": "Say 1", "input": "x", "output": "ok"}  # the three Alpaca fields
-    train, held_out = prompts.client_prompts(None, 0, 2, 42, 4, "someone/alpaca")
-    assert len(held_out) == 4 and len(train) == 13
+    train, held_out = prompts.client_prompts(None, 0, 2, 42, 2, "someone/alpaca")
+    assert len(held_out) == 2 and len(train) == 13  # 30 records: 2 test, 2 validation, 26 train for 2 clients
 
 
 def test_a_data_folder_wins_over_the_hub(fake_hub, tmp_path) -> None:

@@ -240,7 +240,7 @@ def _sft_round(r: _Round) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     cfg, bundle = r.cfg, r.bundle
     lm = bundle.lm
     load_trainable_state(lm, {k: torch.from_numpy(np.array(v)).to(bundle.device) for k, v in r.incoming.items()})
-    s = cfg.client_sparsity(r.client_id)
+    s = _train_sparsity(r.msg, cfg, r.client_id)  # 0 in its row: attention is not sparsified
     enable_sparse_attention(lm, bundle.blocks, s)
     m_seed = mask_seed(r.run_cfg.seed, r.client_id, r.server_round)
     records = r.records()
