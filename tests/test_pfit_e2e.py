@@ -1,5 +1,5 @@
 """One real ``flwr run`` of the default PFIT job, tiny: the default policy (the offline SmolLM2 GGUF),
-reward models trained in the run, 2 clients, 1 round. What a user gets after the README's install."""
+reward models and judges trained in the run, 2 clients, 1 round. What a user gets after the README's install."""
 
 from __future__ import annotations
 
@@ -65,3 +65,6 @@ def test_flwr_run_tiny_default_pfit(tmp_path) -> None:
     rounds = [json.loads(line) for line in (results / "pfit-e2e" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]  # the baseline evaluation, then the round
     assert list((cache / "reward-models").glob("*.safetensors"))  # trained in the run, cached
+    assert list((cache / "judges").glob("*.safetensors"))  # the judges too (evaluation only)
+    for c in rounds[1]["clients"].values():  # the test prompts scored by both kinds, length, refusals
+        assert {"combined", "judge_combined", "kl", "response_tokens", "refusal_share"} <= set(c)
