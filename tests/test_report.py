@@ -101,6 +101,8 @@ def test_report_of_an_instruct_run_shows_rewards(tmp_path):
     text, files = report.report([run], tmp_path / "out")
     assert "| round | client 0 | client 1 | reward mean |" in text
     assert "| 1 | -0.3000 | 0.1000 | -0.1000 | 10 | 20 | 3.00 | 1.00 | 2.00 | 1 | – | 0 |" in text
-    assert {p.name for p in files} >= {"accuracy_vs_round.png", "comparison.md"}
-    assert "accuracy_vs_uplink_bytes_per_round.png" not in {p.name for p in files}  # no final accuracy
-    assert "final held-out reward" in (tmp_path / "out" / "comparison.md").read_text()
+    # the instruct layout (docs/fig4.md): reward curves, no accuracy plots
+    assert {p.name for p in files} >= {"train_rm_reward_vs_round.png", "judge_reward_vs_round.png", "comparison.md"}
+    assert not {"accuracy_vs_round.png", "accuracy_vs_uplink_bytes_per_round.png"} & {p.name for p in files}
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| method | training-RM reward (combined) |" in md and "| `pfit-seed1` | -0.1 ± 0 |" in md

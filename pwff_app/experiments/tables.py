@@ -175,7 +175,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     rounds = read_rounds(run_dir)
     curve = [(int(r["round"]), _num(r.get(f"{score}_mean"))) for r in rounds]
     curve = [(rnd, v) for rnd, v in curve if v is not None]
-    means = (s.get("reward") or {}).get("means") or {}  # instruct runs: the final evaluation
+    reward = s.get("reward") or {}  # instruct runs: the final evaluation (runs before judges: "mean" only)
+    means = {"combined": reward.get("mean"), **(reward.get("means") or {})}
     judge_curve: list[tuple[int, float]] = []  # (round, mean judge reward over the clients evaluated)
     sent: list[tuple[int, float]] = []  # (round, uplink bytes of every client up to and with it)
     link_curve: list[tuple[int, float, float, float | None]] = []
