@@ -55,11 +55,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-_SCORE_LABELS = {"accuracy": "personalized accuracy", "reward": "held-out combined reward"}
+_SCORE_LABELS = {"accuracy": "personalized accuracy", "reward": "training-RM reward"}
 
 
 def _score_label(rows: Sequence[dict[str, Any]]) -> str:
-    """What the rows' curves score: personalized accuracy, or held-out reward (instruct runs)."""
+    """What the rows' curves score: personalized accuracy, or the training reward models' mix
+    on the test prompts (instruct runs)."""
     scores = sorted({score for r in rows for score in r.get("score", [])}) or ["accuracy"]
     return " / ".join(_SCORE_LABELS.get(score, score) for score in scores)
 

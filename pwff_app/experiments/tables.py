@@ -28,7 +28,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "final personalized accuracy"),
     ("global_accuracy", "final accuracy on the global test set"),
     ("shared_only_accuracy", "final accuracy of the shared part alone, global test set"),
-    ("reward", "final held-out reward (instruction tuning)"),
+    ("reward", "final training-RM reward on the test prompts (instruction tuning)"),
     ("uplink_bytes_per_round", "uplink bytes / round (all clients)"),
     ("downlink_bytes_per_round", "downlink bytes / round (all clients)"),
     ("ergodic_uplink_delay_s", "uplink delay / round, ergodic (s)"),
@@ -68,7 +68,7 @@ _PFIT_SOURCE = {"judge_combined": "judge_combined", "judge_helpfulness": "judge_
 RESULT_COLUMNS = (("accuracy", "final personalized accuracy", "acc"),
                   ("global_accuracy", "global test set accuracy", "acc"),
                   ("shared_only_accuracy", "shared part alone, global test set", "acc"),
-                  ("reward", "final held-out reward", "float"),
+                  ("reward", "final training-RM reward, test prompts", "float"),
                   ("uplink_bytes_per_round", "uplink bytes / round", "bytes"),
                   ("downlink_bytes_per_round", "downlink bytes / round", "bytes"),
                   ("energy_per_round_j", "energy / round (J)", "float"),
@@ -355,12 +355,17 @@ def setting_labels(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
             " | ".join(channels) or "link n/a")
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str, str]] = RESULT_COLUMNS) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str, str]] | None = None) -> str:
     """One comparison table: mean ± sample std over seeds of ``cols``, one row per method.
+
+    ``cols`` defaults to the family's headline columns: ``PFIT_COLUMNS`` (judge and training-RM
+    rewards) for instruction tuning, ``RESULT_COLUMNS`` otherwise.
 
     A column no row has a value for (``reward`` of task runs, ``shared_only_accuracy`` without
     PFTT, the global columns of runs from before the global test set) is left out.
     """
+    if cols is None:
+        cols = PFIT_COLUMNS if family_of(rows) == "instruct" else RESULT_COLUMNS
     cols = [c for c in cols if c[0] == "n_seeds" or any(row.get(f"{c[0]}_mean") is not None for row in rows)]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
