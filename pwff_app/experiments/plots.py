@@ -89,8 +89,8 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path, key: str, ylabel: str
 
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Personalized accuracy (or, for instruction tuning, held-out reward; mean over clients) by
-    round, one line + band per method."""
+    """Personalized accuracy (or, for instruction tuning, the training-RM reward on the test
+    prompts; mean over clients) by round, one line + band per method."""
     label = _score_label(rows)
     return plot_curve(rows, path, "curve", f"{label} (mean over clients)", f"{label[0].upper()}{label[1:]} vs round")
 
