@@ -4,9 +4,9 @@ A run folder is what a run writes (``<results-dir>/<run-name>/`` of a ``flwr run
 ``<out>/runs/<name>-seed<S>/`` of ``pwff reproduce``): ``rounds.jsonl`` and, once finished,
 ``summary.json``. For each run the report prints one table, a line per round: each client's
 score (accuracy, or the training-RM reward on the test prompts for instruction tuning), their
-mean (and the global test set's and the shared part's where measured), uplink and downlink bytes, round latency, median
-uplink delay, transmit energy, updates lost on the link, mean training loss and rejected or
-failed replies. It writes the same tables and plots as ``pwff reproduce``
+mean (and the global test set's and the shared part's where measured), uplink and downlink
+bytes, round latency, median uplink delay, transmit energy, updates lost on the link, mean
+training loss and rejected or failed replies. It writes the same tables and plots as ``pwff reproduce``
 (:func:`pwff_app.experiments.tables.write_outputs`) with one row, line or point per run, so
 several runs are overlaid, and ``rounds.md`` with every run's per-round table.
 """
